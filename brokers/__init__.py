@@ -1,0 +1,1 @@
+"""Broker implementations (tasks in). Each imports its client library only here."""

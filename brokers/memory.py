@@ -1,0 +1,186 @@
+"""The embedded broker: asyncio structures in one process, with a real broker's semantics.
+
+Priorities, delays, prefetch bounds, redelivery of what a closed consumer held, and a
+dead-letter list behave as on RabbitMQ or NATS, so that code and tests written against the
+default move to a server unchanged. ``memory://`` gives each broker its own state;
+``memory://name`` shares one state between every broker of that name in the process (a
+producer app and a worker app in one test, say).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from qtasks.interfaces import Broker, Delivery
+from qtasks.protocol import TaskMessage
+
+
+@dataclass(order=True, slots=True)
+class _Entry:
+    sort_key: tuple[float, int]
+    body: bytes = field(compare=False)
+    priority: int = field(compare=False, default=0)
+    redelivered: bool = field(compare=False, default=False)
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    queue: str
+    body: bytes
+    reason: str
+    at: float
+
+
+class MemoryHub:
+    """The shared state behind every ``MemoryBroker`` of one name."""
+
+    def __init__(self) -> None:
+        self.ready: dict[str, list[_Entry]] = {}
+        self.delayed: dict[str, list[_Entry]] = {}
+        self.dead: list[DeadLetter] = []
+        self.order = itertools.count()
+        self.changed: asyncio.Condition | None = None
+
+    def condition(self) -> asyncio.Condition:
+        if self.changed is None:
+            self.changed = asyncio.Condition()
+        return self.changed
+
+    async def put(self, queue: str, body: bytes, priority: int, not_before: float | None,
+                  redelivered: bool = False) -> None:
+        seq = next(self.order)
+        async with self.condition():
+            if not_before is not None and not_before > time.time():
+                heap = self.delayed.setdefault(queue, [])
+                heapq.heappush(heap, _Entry((not_before, seq), body, priority, redelivered))
+            else:
+                heap = self.ready.setdefault(queue, [])
+                heapq.heappush(heap, _Entry((-priority, seq), body, priority, redelivered))
+            self.condition().notify_all()
+
+    def _promote_due(self, now: float) -> float | None:
+        """Move due delayed entries to their ready heap; return the next due time."""
+        next_due: float | None = None
+        for queue, heap in self.delayed.items():
+            while heap and heap[0].sort_key[0] <= now:
+                entry = heapq.heappop(heap)
+                entry.sort_key = (-entry.priority, entry.sort_key[1])
+                heapq.heappush(self.ready.setdefault(queue, []), entry)
+            if heap and (next_due is None or heap[0].sort_key[0] < next_due):
+                next_due = heap[0].sort_key[0]
+        return next_due
+
+    async def take(self, queues: Sequence[str]) -> tuple[str, _Entry]:
+        """The highest-priority ready entry across ``queues``, waiting for one if needed."""
+        cond = self.condition()
+        async with cond:
+            while True:
+                next_due = self._promote_due(time.time())
+                best: tuple[str, _Entry] | None = None
+                for queue in queues:
+                    heap = self.ready.get(queue)
+                    if heap and (best is None or heap[0] < best[1]):
+                        best = (queue, heap[0])
+                if best is not None:
+                    heapq.heappop(self.ready[best[0]])
+                    return best
+                timeout = None if next_due is None else max(0.0, next_due - time.time())
+                try:
+                    await asyncio.wait_for(cond.wait(), timeout)
+                except TimeoutError:
+                    pass
+
+    def depth(self, queue: str) -> int:
+        return len(self.ready.get(queue, ())) + len(self.delayed.get(queue, ()))
+
+
+_HUBS: dict[str, MemoryHub] = {}
+
+
+def hub_for(url: str) -> MemoryHub:
+    name = urlsplit(url).netloc + urlsplit(url).path
+    if not name.strip("/"):
+        return MemoryHub()
+    return _HUBS.setdefault(name, MemoryHub())
+
+
+class MemoryDelivery(Delivery):
+    def __init__(self, broker: MemoryBroker, queue: str, entry: _Entry,
+                 release: asyncio.Semaphore) -> None:
+        self.broker = broker
+        self.queue = queue
+        self.entry = entry
+        self.body = entry.body
+        self.redelivered = entry.redelivered
+        self._release = release
+        self._settled = False
+
+    def _settle(self) -> bool:
+        if self._settled:
+            return False
+        self._settled = True
+        self.broker.unsettled.discard(self)
+        self._release.release()
+        return True
+
+    async def ack(self) -> None:
+        self._settle()
+
+    async def retry_later(self, delay: float) -> None:
+        if self._settle():
+            await self.broker.hub.put(self.queue, self.body, self.entry.priority,
+                                      time.time() + delay, redelivered=True)
+
+    async def requeue(self) -> None:
+        if self._settle():
+            await self.broker.hub.put(self.queue, self.body, self.entry.priority, None,
+                                      redelivered=True)
+
+    async def dead_letter(self, reason: str) -> None:
+        if self._settle():
+            self.broker.hub.dead.append(DeadLetter(self.queue, self.body, reason, time.time()))
+
+
+class MemoryBroker(Broker):
+    """In-process broker; the app runs an embedded worker on it by itself."""
+
+    embedded = True
+
+    def __init__(self, url: str = "memory://", **_options: Any) -> None:
+        self.url = url
+        self.hub = hub_for(url)
+        self.unsettled: set[MemoryDelivery] = set()
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        for delivery in list(self.unsettled):
+            await delivery.requeue()
+
+    async def publish(self, message: TaskMessage, body: bytes) -> None:
+        await self.hub.put(message.queue, body, message.priority, message.not_before)
+
+    async def consume(self, queues: Sequence[str], prefetch: int) -> AsyncIterator[Delivery]:
+        slots = asyncio.Semaphore(prefetch)
+        while True:
+            await slots.acquire()
+            try:
+                queue, entry = await self.hub.take(queues)
+            except BaseException:
+                slots.release()
+                raise
+            delivery = MemoryDelivery(self, queue, entry, slots)
+            self.unsettled.add(delivery)
+            yield delivery
+
+    @property
+    def dead_letters(self) -> list[DeadLetter]:
+        return self.hub.dead

@@ -1,0 +1,48 @@
+"""QTasks: an asyncio-first, broker-agnostic task queue that streams every ``yield``."""
+
+from qtasks.app import QueueTasks
+from qtasks.errors import (
+    BrokerUnavailableError,
+    ConfigurationError,
+    MessageDecodeError,
+    MessageEncodeError,
+    MessageTooLargeError,
+    QTasksError,
+    TaskFailedError,
+    TaskTimeoutError,
+    UnknownTaskError,
+)
+from qtasks.executors import AsyncTaskExecutor, BaseTaskExecutor, SyncTaskExecutor
+from qtasks.interfaces import Broker, Delivery, ResultStore
+from qtasks.protocol import ErrorInfo, ResultEvent, TaskMessage
+from qtasks.task import Restarted, RetryPolicy, Task, TaskExecSchema, TaskFunction, TaskStatus
+from qtasks.worker import Worker
+
+__all__ = [
+    "AsyncTaskExecutor",
+    "BaseTaskExecutor",
+    "Broker",
+    "BrokerUnavailableError",
+    "ConfigurationError",
+    "Delivery",
+    "ErrorInfo",
+    "MessageDecodeError",
+    "MessageEncodeError",
+    "MessageTooLargeError",
+    "QTasksError",
+    "QueueTasks",
+    "Restarted",
+    "ResultEvent",
+    "ResultStore",
+    "RetryPolicy",
+    "SyncTaskExecutor",
+    "Task",
+    "TaskExecSchema",
+    "TaskFailedError",
+    "TaskFunction",
+    "TaskMessage",
+    "TaskStatus",
+    "TaskTimeoutError",
+    "UnknownTaskError",
+    "Worker",
+]

@@ -1,0 +1,45 @@
+"""Every error QTasks raises on purpose: one base class, one subclass per cause."""
+
+from __future__ import annotations
+
+
+class QTasksError(Exception):
+    """Base of every error raised by QTasks itself."""
+
+
+class ConfigurationError(QTasksError):
+    """The app or a backend was set up with something it cannot do (a bad URL, an option
+    the backend does not support). Raised before anything is published."""
+
+
+class MessageEncodeError(QTasksError, TypeError):
+    """A task's arguments or a result cannot be encoded as JSON."""
+
+
+class MessageTooLargeError(QTasksError, ValueError):
+    """An encoded message is over the configured or the broker's size limit."""
+
+
+class MessageDecodeError(QTasksError, ValueError):
+    """A message body is not a valid protocol-v1 message."""
+
+
+class UnknownTaskError(QTasksError, LookupError):
+    """No task of that name is registered with the app."""
+
+
+class TaskTimeoutError(QTasksError, TimeoutError):
+    """Waiting for a task ran out of time. The task itself goes on."""
+
+    def __init__(self, task_id: str, timeout: float | None) -> None:
+        super().__init__(f"task {task_id} did not finish within {timeout} s (it goes on running)")
+        self.task_id = task_id
+        self.timeout = timeout
+
+
+class TaskFailedError(QTasksError):
+    """Raised by ``Task.result()`` when the task ended in ``error`` or ``cancelled``."""
+
+
+class BrokerUnavailableError(QTasksError, ConnectionError):
+    """The broker or result store cannot be reached (after its retries)."""

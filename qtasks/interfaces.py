@@ -1,0 +1,169 @@
+"""The two contracts a backend fulfils: ``Broker`` (tasks in) and ``ResultStore`` (results out).
+
+The core talks to brokers only through these classes and never imports a broker library.
+A backend is correct when it passes the shared contract suite (``tests/contract.py``); the
+docstrings below are the prose form of that suite.
+
+Delivery guarantee: at-least-once. A task message is settled (``ack``) only after its final
+result is durable in the result store, so a worker that dies mid-task loses nothing: the
+broker hands the message to another worker. Consumers de-duplicate results by
+``(attempt, seq)``, see ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+from typing import ClassVar
+
+from qtasks.protocol import ResultEvent, TaskMessage
+
+
+class Delivery(abc.ABC):
+    """One task message leased to one worker until it is settled.
+
+    Exactly one of ``ack``, ``retry_later``, ``requeue`` or ``dead_letter`` settles it; after
+    that the others are no-ops. Settling a delivery whose connection has died since it was
+    received must not raise and must not retry forever: the broker redelivers such a
+    message by itself, so the backend logs the lost settlement and returns.
+    """
+
+    #: The raw message body as published. The worker decodes it, not the broker, so that a
+    #: body the core cannot read is still dead-lettered intact.
+    body: bytes
+    #: True when the broker says this message was handed out before (a worker died or
+    #: gave it back). The worker then checks the result store before running it again.
+    redelivered: bool = False
+
+    @abc.abstractmethod
+    async def ack(self) -> None:
+        """The task is done and its result is durable: remove the message for good."""
+
+    @abc.abstractmethod
+    async def retry_later(self, delay: float) -> None:
+        """Hand the same message out again, to any worker, no sooner than ``delay`` seconds
+        from now. Used when a message arrives before its ``not_before``."""
+
+    @abc.abstractmethod
+    async def requeue(self) -> None:
+        """Give the message back at once, unprocessed (the worker is shutting down)."""
+
+    @abc.abstractmethod
+    async def dead_letter(self, reason: str) -> None:
+        """Move the message, byte for byte, to the dead-letter destination with ``reason``
+        attached, then remove it from the work queue. Never drops the message."""
+
+    async def keep_alive(self) -> None:  # noqa: B027 - deliberately optional
+        """Extend the lease while a long task runs, so the broker does not hand the message
+        to another worker. Called every ``Broker.lease_interval`` seconds; a no-op where
+        the lease lasts as long as the connection (RabbitMQ)."""
+
+
+class Broker(abc.ABC):
+    """Carries task messages from producers to competing workers.
+
+    ``publish`` returns only once the broker has taken responsibility for the message
+    (publisher confirm, JetStream PubAck): a task whose ``add_task`` returned survives a
+    broker restart. ``consume`` yields at most ``prefetch`` unsettled deliveries at once;
+    higher ``priority`` first where ``supports_priority`` is true.
+    """
+
+    #: Whether ``TaskMessage.priority`` orders delivery. A broker that cannot order by
+    #: priority sets this False; the app then refuses a non-zero priority at configuration
+    #: time instead of ignoring it.
+    supports_priority: ClassVar[bool] = True
+    #: Seconds between ``Delivery.keep_alive`` calls for a running task, or None.
+    lease_interval: float | None = None
+    #: The broker's own limit on one message, in bytes, once started (None: no limit).
+    max_message_size: int | None = None
+    #: True for an in-process broker: the app then runs an embedded worker by itself.
+    embedded: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Connect (retrying with backoff) and declare what the backend needs."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Disconnect. Unsettled deliveries go back to their queue, as the broker does for a
+        dead consumer."""
+
+    @abc.abstractmethod
+    async def publish(self, message: TaskMessage, body: bytes) -> None:
+        """Durably enqueue ``body`` (the encoded ``message``) on ``message.queue``.
+
+        Honour ``message.priority`` and, where the broker can, ``message.not_before``
+        (delivering it no sooner). A broker that cannot delay may deliver early: the
+        worker then calls ``retry_later`` with the time left.
+        """
+
+    @abc.abstractmethod
+    def consume(self, queues: Sequence[str], prefetch: int) -> AsyncIterator[Delivery]:
+        """Yield deliveries from ``queues`` as competing consumer, never more than
+        ``prefetch`` unsettled at once. Survives reconnects. Closing the iterator stops
+        consumption; messages received but not yielded go back to the queue."""
+
+    async def declare(self, queues: Sequence[str]) -> None:  # noqa: B027 - optional
+        """Create ``queues`` (and what they need) ahead of the first publish/consume."""
+
+
+class ResultStore(abc.ABC):
+    """Carries status, partial and final results from workers to whoever wants them.
+
+    Every event of a task is readable by id from any process for the result TTL
+    (``watch``, ``get``) and is pushed to live subscribers (``listen``). Events of one task
+    are delivered in the order they were published.
+    """
+
+    #: Seconds a task's results stay readable after they were published.
+    ttl: float = 24 * 3600.0
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Connect (retrying with backoff) and declare what the backend needs."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Flush pending publishes, then disconnect."""
+
+    @property
+    def reply_address(self) -> str | None:
+        """Where this process wants results of the tasks it submits, sent in the task's
+        ``reply_to`` header; None if the store needs no such address."""
+        return None
+
+    async def expect(self, task_id: str) -> None:  # noqa: B027 - optional
+        """A hint, given before the task is published, that this process will ``watch``
+        ``task_id``: a backend may start buffering its events so that ``watch`` needs no
+        replay from storage."""
+
+    @abc.abstractmethod
+    async def publish(self, event: ResultEvent, body: bytes, reply_to: str | None = None) -> None:
+        """Publish one event (``body`` is its encoding).
+
+        A ``partial`` or ``status`` may return before it is durable (publishes are
+        pipelined), but events of one task are never reordered. A ``final`` returns only
+        when it and every earlier event of the same task are durable: the task message is
+        acked after that. ``reply_to`` is the submitter's ``reply_address``, if it gave one.
+        """
+
+    @abc.abstractmethod
+    async def get(self, task_id: str) -> ResultEvent | None:
+        """The newest ``status`` or ``final`` event of a task, or None if there is none
+        (unknown id, not started yet, or expired)."""
+
+    @abc.abstractmethod
+    def watch(self, task_id: str) -> AsyncIterator[ResultEvent]:
+        """Every event of one task, from its first, then live, ending after its ``final``.
+
+        Works from any process, before or after the task ran, within the TTL. May yield
+        an event more than once (at-least-once); the core drops duplicates.
+        """
+
+    @abc.abstractmethod
+    async def listen(self, task_name: str) -> AsyncIterator[ResultEvent]:
+        """Subscribe to live events of every run of ``task_name`` (``"*"``: of every task),
+        from any producer. Returns once the subscription is active, so that nothing
+        published afterwards is missed; the iterator never ends by itself and unsubscribes
+        when closed."""
+

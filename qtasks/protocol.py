@@ -1,0 +1,255 @@
+"""Wire protocol version 1: the messages that cross a broker, and their codec.
+
+Every message is one JSON object encoded with orjson. The same shapes are written up
+field by field in ``docs/protocol.md`` so that a producer or a listener written in another
+language can take part. The dataclasses here are the single source of truth for that
+document: a field added here and not there is a bug.
+
+Three kinds travel on the result side (``status``, ``partial``, ``final``) and one on the
+task side (``task``). Timestamps are Unix seconds as floats, which every language reads.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+
+from qtasks.errors import MessageDecodeError, MessageEncodeError, MessageTooLargeError
+
+VERSION = 1
+
+#: Default upper bound for one encoded task message; brokers may lower it.
+DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
+
+ResultKind = Literal["status", "partial", "final"]
+
+
+def uuid7() -> str:
+    """A time-ordered UUID (RFC 9562 version 7) as a string.
+
+    Time order lets a log-structured result store (a RabbitMQ stream, a JetStream stream)
+    start reading a task's results from the moment its id was made instead of from the
+    beginning. Python 3.11 has no ``uuid.uuid7``, hence these few lines.
+    """
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80
+    value |= 0x7 << 76  # version
+    value |= ((rand >> 62) & 0xFFF) << 64  # rand_a, 12 bits
+    value |= 0b10 << 62  # variant
+    value |= rand & 0x3FFF_FFFF_FFFF_FFFF  # rand_b, 62 bits
+    return str(uuid.UUID(int=value))
+
+
+def uuid7_time(task_id: str) -> float | None:
+    """Creation time (Unix seconds) encoded in a UUIDv7, or None for other ids."""
+    try:
+        parsed = uuid.UUID(task_id)
+    except ValueError:
+        return None
+    if parsed.version != 7:
+        return None
+    return (parsed.int >> 80) / 1000.0
+
+
+@dataclass(slots=True)
+class TaskMessage:
+    """A request to run ``task`` with ``args``/``kwargs``, as a broker carries it."""
+
+    id: str
+    task: str
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    queue: str = "default"
+    priority: int = 0
+    created_at: float = 0.0
+    attempt: int = 1
+    max_time: float | None = None
+    not_before: float | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "v": VERSION,
+            "kind": "task",
+            "id": self.id,
+            "task": self.task,
+            "args": self.args,
+            "kwargs": self.kwargs,
+            "queue": self.queue,
+            "priority": self.priority,
+            "created_at": self.created_at,
+            "attempt": self.attempt,
+            "max_time": self.max_time,
+            "not_before": self.not_before,
+            "headers": self.headers,
+        }
+
+
+@dataclass(slots=True)
+class ErrorInfo:
+    """Why a task failed: enough to understand it without the worker's logs."""
+
+    type: str
+    message: str
+    traceback: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return {"type": self.type, "message": self.message, "traceback": self.traceback}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> ErrorInfo | None:
+        if data is None:
+            return None
+        return cls(str(data.get("type", "")), str(data.get("message", "")),
+                   str(data.get("traceback", "")))
+
+
+@dataclass(slots=True)
+class ResultEvent:
+    """One message on the result side: a status change, a partial value, or the final.
+
+    ``status`` events say that an attempt started (``running``) or that a failed attempt
+    was scheduled again (``new``, with the failed attempt's ``error``). ``partial`` events
+    carry one yielded value each, numbered by ``seq`` from 0 within an attempt. ``final``
+    is the last event of a task: its outcome, its ``returning`` value and how many partials
+    the attempt published.
+    """
+
+    kind: ResultKind
+    id: str
+    task: str
+    attempt: int = 1
+    seq: int = 0
+    value: Any = None
+    ts: float = 0.0
+    status: str | None = None
+    returning: Any = None
+    error: ErrorInfo | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker: str | None = None
+    partials: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        base: dict[str, Any] = {
+            "v": VERSION, "kind": self.kind, "id": self.id, "task": self.task,
+            "attempt": self.attempt, "ts": self.ts,
+        }
+        if self.kind == "partial":
+            base["seq"] = self.seq
+            base["value"] = self.value
+            return base
+        base["status"] = self.status
+        base["error"] = self.error.to_dict() if self.error else None
+        base["started_at"] = self.started_at
+        base["worker"] = self.worker
+        if self.kind == "final":
+            base["returning"] = self.returning
+            base["finished_at"] = self.finished_at
+            base["partials"] = self.partials
+        return base
+
+    @property
+    def is_final(self) -> bool:
+        return self.kind == "final"
+
+
+def encode(message: TaskMessage | ResultEvent, max_size: int | None = None) -> bytes:
+    """Serialise a message, refusing what JSON cannot carry or what is too large."""
+    try:
+        body = orjson.dumps(message.to_dict(), option=orjson.OPT_NON_STR_KEYS)
+    except TypeError as exc:
+        raise MessageEncodeError(
+            f"{_describe(message)}: cannot encode as JSON ({exc}); "
+            "pass JSON-compatible arguments (str, int, float, bool, None, list, dict)"
+        ) from exc
+    if max_size is not None and len(body) > max_size:
+        raise MessageTooLargeError(
+            f"{_describe(message)}: encoded message is {len(body)} bytes, "
+            f"over the limit of {max_size} bytes (QueueTasks(max_message_size=...))"
+        )
+    return body
+
+
+def _describe(message: TaskMessage | ResultEvent) -> str:
+    return f"task {message.task!r} id {message.id}"
+
+
+def _require(data: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = data.get(key)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise MessageDecodeError(f"field {key!r} missing or not {kind}: {value!r}")
+    return value
+
+
+def _load(body: bytes) -> dict[str, Any]:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MessageDecodeError(f"body is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise MessageDecodeError(f"body is JSON but not an object: {type(data).__name__}")
+    version = data.get("v")
+    if version != VERSION:
+        raise MessageDecodeError(f"unsupported protocol version {version!r}")
+    return data
+
+
+def decode_task(body: bytes) -> TaskMessage:
+    """Parse a task message, with an error that says exactly what is wrong with it."""
+    data = _load(body)
+    if data.get("kind", "task") != "task":
+        raise MessageDecodeError(f"expected kind 'task', got {data.get('kind')!r}")
+    args = data.get("args") or []
+    kwargs = data.get("kwargs") or {}
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise MessageDecodeError("'args' must be a list and 'kwargs' an object")
+    headers = data.get("headers") or {}
+    if not isinstance(headers, dict):
+        raise MessageDecodeError("'headers' must be an object")
+    return TaskMessage(
+        id=_require(data, "id", str),
+        task=_require(data, "task", str),
+        args=args,
+        kwargs=kwargs,
+        queue=str(data.get("queue") or "default"),
+        priority=int(data.get("priority") or 0),
+        created_at=float(data.get("created_at") or 0.0),
+        attempt=int(data.get("attempt") or 1),
+        max_time=_optional_float(data.get("max_time")),
+        not_before=_optional_float(data.get("not_before")),
+        headers={str(k): str(v) for k, v in headers.items()},
+    )
+
+
+def decode_result(body: bytes) -> ResultEvent:
+    data = _load(body)
+    kind = data.get("kind")
+    if kind not in ("status", "partial", "final"):
+        raise MessageDecodeError(f"unknown result kind {kind!r}")
+    return ResultEvent(
+        kind=kind,
+        id=_require(data, "id", str),
+        task=_require(data, "task", str),
+        attempt=int(data.get("attempt") or 1),
+        seq=int(data.get("seq") or 0),
+        value=data.get("value"),
+        ts=float(data.get("ts") or 0.0),
+        status=data.get("status"),
+        returning=data.get("returning"),
+        error=ErrorInfo.from_dict(data.get("error")),
+        started_at=_optional_float(data.get("started_at")),
+        finished_at=_optional_float(data.get("finished_at")),
+        worker=data.get("worker"),
+        partials=int(data.get("partials") or 0),
+    )
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)

@@ -1,0 +1,259 @@
+"""The worker: takes task messages from the broker, runs them, publishes their results.
+
+One delivery's life: decode (or dead-letter), find the task (or dead-letter), wait out a
+``not_before`` (hand it back with ``retry_later``), publish ``running``, execute under
+``max_time`` while every yield is published as a partial, then publish the final (or, if
+the task may retry, enqueue the next attempt) and only then ack. Any fault is caught at the
+level of its delivery: one task's failure never reaches another or the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import traceback
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from qtasks.errors import MessageDecodeError, MessageEncodeError
+from qtasks.executors import default_executor
+from qtasks.interfaces import Delivery
+from qtasks.protocol import ErrorInfo, ResultEvent, TaskMessage, decode_task, encode
+from qtasks.task import TaskExecSchema, TaskStatus
+
+if TYPE_CHECKING:
+    from qtasks.app import QueueTasks
+
+log = logging.getLogger("qtasks.worker")
+
+
+class TaskTimeLimitExceeded(Exception):
+    """A task ran longer than its ``max_time``; reported as the final error's type."""
+
+
+def error_info(exc: BaseException) -> ErrorInfo:
+    return ErrorInfo(
+        type=type(exc).__qualname__,
+        message=str(exc),
+        traceback="".join(traceback.format_exception(exc)),
+    )
+
+
+class Worker:
+    """Runs tasks of ``app`` from ``queues`` with at most ``concurrency`` at once.
+
+    ``run()`` returns after ``stop()``: it stops taking work, lets in-flight tasks finish
+    for ``grace`` seconds, and gives the rest back to the broker unacked (another worker
+    runs them).
+    """
+
+    def __init__(
+        self,
+        app: QueueTasks,
+        queues: list[str] | None = None,
+        concurrency: int = 100,
+        grace: float = 30.0,
+        name: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.app = app
+        self.queues = queues or app.queues()
+        self.concurrency = concurrency
+        self.grace = grace
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.in_flight: dict[asyncio.Task[None], Delivery] = {}
+        self.processed = 0
+        self._stop = asyncio.Event()
+        self._started = asyncio.Event()
+        self._threads = ThreadPoolExecutor(max_workers=concurrency,
+                                           thread_name_prefix="qtasks-sync")
+
+    async def wait_started(self) -> None:
+        await self._started.wait()
+
+    def stop(self) -> None:
+        """Begin a graceful stop; safe to call from a signal handler, more than once."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        app = self.app
+        await app.start()
+        await app.broker.declare(self.queues)
+        consumer = asyncio.create_task(self._consume(), name="qtasks-consume")
+        lease = asyncio.create_task(self._keep_leases(), name="qtasks-lease")
+        self._started.set()
+        log.info("worker %s consuming %s with concurrency %d",
+                 self.name, ",".join(self.queues), self.concurrency)
+        try:
+            stop = asyncio.create_task(self._stop.wait())
+            await asyncio.wait({consumer, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if consumer.done() and not consumer.cancelled() and consumer.exception():
+                raise consumer.exception()  # type: ignore[misc]
+        finally:
+            stop.cancel()
+            consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await consumer
+            await self._drain()
+            lease.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lease
+            self._threads.shutdown(wait=False, cancel_futures=True)
+            log.info("worker %s stopped after %d tasks", self.name, self.processed)
+
+    async def _drain(self) -> None:
+        if not self.in_flight:
+            return
+        log.info("waiting up to %.1f s for %d in-flight tasks", self.grace, len(self.in_flight))
+        _, pending = await asyncio.wait(set(self.in_flight), timeout=self.grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+            log.warning("%d tasks did not finish within the grace period: requeued",
+                        len(pending))
+
+    async def _consume(self) -> None:
+        deliveries = self.app.broker.consume(self.queues, prefetch=self.concurrency)
+        try:
+            async for delivery in deliveries:
+                task = asyncio.create_task(self._handle(delivery))
+                self.in_flight[task] = delivery
+                task.add_done_callback(self._done)
+        finally:
+            aclose = getattr(deliveries, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.in_flight.pop(task, None)
+        self.processed += 1
+
+    async def _keep_leases(self) -> None:
+        interval = self.app.broker.lease_interval
+        if not interval:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            deliveries = list(self.in_flight.values())
+            results = await asyncio.gather(*(d.keep_alive() for d in deliveries),
+                                           return_exceptions=True)
+            for result in results:
+                if isinstance(result, Exception):
+                    log.warning("lease keep-alive failed: %s", result)
+
+    async def _handle(self, delivery: Delivery) -> None:
+        try:
+            await self._process(delivery)
+        except asyncio.CancelledError:
+            # Stopping past the grace period: the message goes back, unacked.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(delivery.requeue())
+        except Exception:
+            log.exception("internal error while handling a delivery; giving it back")
+            with contextlib.suppress(Exception):
+                await delivery.requeue()
+
+    async def _process(self, delivery: Delivery) -> None:
+        app = self.app
+        try:
+            message = decode_task(delivery.body)
+        except MessageDecodeError as exc:
+            log.error("dead-lettering an undecodable message: %s", exc)
+            await delivery.dead_letter(f"undecodable: {exc}")
+            return
+        schema = app.registry.get(message.task)
+        if schema is None:
+            log.error("dead-lettering task %s: unknown task name %r", message.id, message.task)
+            await delivery.dead_letter(f"unknown task: {message.task!r}")
+            return
+        if message.not_before is not None:
+            wait = message.not_before - time.time()
+            if wait > 0.001:
+                await delivery.retry_later(wait)
+                return
+        if delivery.redelivered:
+            previous = await app.results_store.get(message.id)
+            if previous is not None and previous.kind == "final" \
+                    and previous.attempt >= message.attempt:
+                await delivery.ack()  # its result is already stored; the ack was lost
+                return
+        await self._run(delivery, message, schema)
+
+    async def _publish(self, event: ResultEvent, reply_to: str | None) -> None:
+        body = encode(event)
+        await self.app.results_store.publish(event, body, reply_to)
+
+    async def _run(self, delivery: Delivery, message: TaskMessage,
+                   schema: TaskExecSchema) -> None:
+        reply_to = message.headers.get("reply_to")
+        started_at = time.time()
+        base = ResultEvent(kind="status", id=message.id, task=message.task,
+                           attempt=message.attempt, started_at=started_at, worker=self.name)
+        await self._publish(replace(base, status=TaskStatus.RUNNING.value, ts=started_at),
+                            reply_to)
+        seq = 0
+
+        async def publish_partial(value: Any) -> None:
+            nonlocal seq
+            event = replace(base, kind="partial", seq=seq, value=value, ts=time.time())
+            seq += 1
+            await self._publish(event, reply_to)
+
+        executor_cls = schema.executor or self.app.executor or default_executor(schema)
+        executor = executor_cls(schema, message.args, message.kwargs,
+                                publish=publish_partial, thread_pool=self._threads)
+        max_time = message.max_time if message.max_time is not None else schema.max_time
+        status, returning, error = TaskStatus.SUCCESS, None, None
+        timer = asyncio.timeout(max_time)
+        try:
+            async with timer:
+                returning = await executor.execute()
+        except TimeoutError as exc:
+            if not timer.expired():
+                status, error = TaskStatus.ERROR, error_info(exc)
+            else:
+                status = TaskStatus.ERROR
+                error = error_info(TaskTimeLimitExceeded(
+                    f"task {message.task} {message.id} exceeded max_time of {max_time} s"))
+        except asyncio.CancelledError as exc:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the worker is stopping: not the task's outcome
+            status, error = TaskStatus.CANCELLED, error_info(exc)
+        except Exception as exc:
+            if schema.retry.should_retry(message.attempt, exc):
+                await self._retry(delivery, message, schema, base, exc, reply_to)
+                return
+            status, error = TaskStatus.ERROR, error_info(exc)
+
+        final = replace(base, kind="final", status=status.value, returning=returning,
+                        error=error, finished_at=time.time(), partials=seq)
+        final.ts = final.finished_at or 0.0
+        try:
+            body = encode(final)
+        except MessageEncodeError as exc:
+            final = replace(final, status=TaskStatus.ERROR.value, returning=None,
+                            error=error_info(exc))
+            body = encode(final)
+        await self.app.results_store.publish(final, body, reply_to)
+        await delivery.ack()
+
+    async def _retry(self, delivery: Delivery, message: TaskMessage, schema: TaskExecSchema,
+                     base: ResultEvent, exc: Exception, reply_to: str | None) -> None:
+        delay = schema.retry.delay(message.attempt)
+        again = replace(message, attempt=message.attempt + 1, not_before=time.time() + delay)
+        log.warning("task %s %s attempt %d failed (%s: %s); retrying in %.2f s",
+                    message.task, message.id, message.attempt, type(exc).__name__, exc, delay)
+        # The status goes first: the next attempt's "running" must not overtake it.
+        await self._publish(replace(base, attempt=again.attempt, status=TaskStatus.NEW.value,
+                                    error=error_info(exc), ts=time.time()), reply_to)
+        await self.app.broker.publish(again, encode(again))
+        await delivery.ack()

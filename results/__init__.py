@@ -1,0 +1,1 @@
+"""ResultStore implementations (results out). Each imports its client library only here."""

@@ -1,0 +1,124 @@
+"""The embedded result store: every event of every task in a dict, for the result TTL.
+
+It keeps the contract of the real stores: ``watch`` replays a task's events from the first
+and then follows it live; ``listen`` pushes every event of a task name to live
+subscribers; results expire ``ttl`` seconds after their final. ``memory://name`` shares one
+state between every store of that name in the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from qtasks.interfaces import ResultStore
+from qtasks.protocol import ResultEvent
+
+
+class _TaskLog:
+    __slots__ = ("changed", "events", "latest")
+
+    def __init__(self) -> None:
+        self.events: list[ResultEvent] = []
+        self.latest: ResultEvent | None = None
+        self.changed: asyncio.Event = asyncio.Event()
+
+
+class ResultHub:
+    """The shared state behind every ``MemoryResultStore`` of one name."""
+
+    def __init__(self) -> None:
+        self.logs: dict[str, _TaskLog] = {}
+        self.expiry: list[tuple[float, str]] = []
+        self.listeners: dict[str, set[asyncio.Queue[ResultEvent]]] = {}
+
+    def log(self, task_id: str) -> _TaskLog:
+        log = self.logs.get(task_id)
+        if log is None:
+            log = self.logs[task_id] = _TaskLog()
+        return log
+
+    def expire(self, now: float) -> None:
+        while self.expiry and self.expiry[0][0] <= now:
+            _, task_id = heapq.heappop(self.expiry)
+            self.logs.pop(task_id, None)
+
+
+_HUBS: dict[str, ResultHub] = {}
+
+
+def hub_for(url: str) -> ResultHub:
+    parts = urlsplit(url)
+    name = parts.netloc + parts.path
+    if not name.strip("/"):
+        return ResultHub()
+    return _HUBS.setdefault(name, ResultHub())
+
+
+class MemoryResultStore(ResultStore):
+    def __init__(self, url: str = "memory://", ttl: float | None = None, **_options: Any) -> None:
+        self.url = url
+        self.hub = hub_for(url)
+        query = parse_qs(urlsplit(url).query)
+        if ttl is not None:
+            self.ttl = ttl
+        elif "ttl" in query:
+            self.ttl = float(query["ttl"][0])
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def publish(self, event: ResultEvent, body: bytes, reply_to: str | None = None) -> None:
+        hub = self.hub
+        log = hub.log(event.id)
+        log.events.append(event)
+        if event.kind != "partial":
+            log.latest = event
+        if event.kind == "final":
+            now = time.time()
+            hub.expire(now)
+            heapq.heappush(hub.expiry, (now + self.ttl, event.id))
+        log.changed.set()
+        log.changed = asyncio.Event()
+        for name in (event.task, "*"):
+            for queue in hub.listeners.get(name, ()):
+                queue.put_nowait(event)
+
+    async def get(self, task_id: str) -> ResultEvent | None:
+        log = self.hub.logs.get(task_id)
+        return log.latest if log else None
+
+    async def watch(self, task_id: str) -> AsyncIterator[ResultEvent]:
+        log = self.hub.log(task_id)
+        index = 0
+        while True:
+            changed = log.changed
+            while index < len(log.events):
+                event = log.events[index]
+                index += 1
+                yield event
+                if event.kind == "final":
+                    return
+            await changed.wait()
+
+    async def listen(self, task_name: str) -> AsyncIterator[ResultEvent]:
+        queue: asyncio.Queue[ResultEvent] = asyncio.Queue()
+        subscribers = self.hub.listeners.setdefault(task_name, set())
+        subscribers.add(queue)
+        return _drain(queue, subscribers)
+
+
+async def _drain(queue: asyncio.Queue[ResultEvent],
+                 subscribers: set[asyncio.Queue[ResultEvent]]) -> AsyncIterator[ResultEvent]:
+    try:
+        while True:
+            yield await queue.get()
+    finally:
+        subscribers.discard(queue)
