@@ -206,13 +206,23 @@ def decode_task(body: bytes) -> TaskMessage:
     data = _load(body)
     if data.get("kind", "task") != "task":
         raise MessageDecodeError(f"expected kind 'task', got {data.get('kind')!r}")
-    args = data.get("args") or []
-    kwargs = data.get("kwargs") or {}
+    args = data.get("args")
+    args = [] if args is None else args
+    kwargs = data.get("kwargs")
+    kwargs = {} if kwargs is None else kwargs
     if not isinstance(args, list) or not isinstance(kwargs, dict):
         raise MessageDecodeError("'args' must be a list and 'kwargs' an object")
     headers = data.get("headers") or {}
     if not isinstance(headers, dict):
         raise MessageDecodeError("'headers' must be an object")
+    try:
+        return _task_from(data, args, kwargs, headers)
+    except (TypeError, ValueError) as exc:
+        raise MessageDecodeError(f"a field has the wrong type: {exc}") from exc
+
+
+def _task_from(data: dict[str, Any], args: list[Any], kwargs: dict[str, Any],
+               headers: dict[str, Any]) -> TaskMessage:
     return TaskMessage(
         id=_require(data, "id", str),
         task=_require(data, "task", str),
@@ -233,6 +243,13 @@ def decode_result(body: bytes) -> ResultEvent:
     kind = data.get("kind")
     if kind not in ("status", "partial", "final"):
         raise MessageDecodeError(f"unknown result kind {kind!r}")
+    try:
+        return _result_from(data, kind)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise MessageDecodeError(f"a field has the wrong type: {exc}") from exc
+
+
+def _result_from(data: dict[str, Any], kind: ResultKind) -> ResultEvent:
     return ResultEvent(
         kind=kind,
         id=_require(data, "id", str),

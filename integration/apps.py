@@ -1,0 +1,57 @@
+"""The app that CLI worker processes in the integration tests run.
+
+Its broker and result store come from ``QTASKS_BROKER_URL`` / ``QTASKS_RESULTS_URL`` (each
+test gives URLs with its own namespace). Markers in ``QTASKS_TEST_DIR`` let a test see,
+from outside, which process started a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from qtasks import QueueTasks
+
+app = QueueTasks()
+
+
+def _mark(name: str) -> None:
+    directory = os.environ.get("QTASKS_TEST_DIR")
+    if directory:
+        Path(directory, name).write_text(str(os.getpid()))
+
+
+@app.task
+async def whoami(pause: float = 0.0) -> int:
+    """Which worker process ran it; ``pause`` keeps it busy so the load spreads."""
+    await asyncio.sleep(pause)
+    return os.getpid()
+
+
+@app.task
+async def add(a: int, b: int) -> int:
+    return a + b
+
+
+@app.task
+async def countdown(n: int, pause: float = 0.0):  # type: ignore[no-untyped-def]
+    """Yields n-1 ... 0 with ``pause`` between yields."""
+    for i in reversed(range(n)):
+        yield i
+        await asyncio.sleep(pause)
+
+
+@app.task
+async def long_task(tag: str, seconds: float) -> str:
+    """Leaves a ``started-<tag>`` marker with its pid, then runs ``seconds``."""
+    _mark(f"started-{tag}-{os.getpid()}")
+    await asyncio.sleep(seconds)
+    return f"{tag} done by {os.getpid()}"
+
+
+@app.task
+def sync_sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds

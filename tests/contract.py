@@ -1,0 +1,662 @@
+"""The backend contract: everything a Broker/ResultStore pair must do, as tests.
+
+One suite for every backend. A backend's test module subclasses ``BackendContract`` and
+overrides the ``backend`` fixture with a ``Backend`` that makes fresh connections into one
+isolated namespace (``tests/test_memory_contract.py``, ``integration/test_*_contract.py``).
+Producer, worker and reader are separate apps with their own connections, as they would be
+in separate processes; the worker runs in this process so that tests can hold a task at a
+gate and see exactly when it is where.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from qtasks import (
+    AsyncTaskExecutor,
+    Broker,
+    ConfigurationError,
+    MessageEncodeError,
+    MessageTooLargeError,
+    QueueTasks,
+    Restarted,
+    ResultStore,
+    TaskMessage,
+    TaskStatus,
+    TaskTimeoutError,
+    Worker,
+)
+from qtasks.protocol import ResultEvent, encode, uuid7
+
+#: Upper bound for any single wait in these tests: a hang fails, it does not stall CI.
+DEADLINE = 20.0
+
+#: Per-test synchronisation between a test and the tasks it runs (same process).
+GATES: dict[str, asyncio.Event] = {}
+CALLS: dict[str, int] = {}
+
+
+def gate(token: str) -> asyncio.Event:
+    return GATES.setdefault(token, asyncio.Event())
+
+
+class DoublingExecutor(AsyncTaskExecutor):
+    """A replacement executor that overrides ``run_task_gen`` and still streams via emit."""
+
+    async def run_task_gen(self) -> list[Any]:
+        out = []
+        async for value in self.iterate():
+            out.append(await self.emit(value * 2))
+        return out
+
+
+def register_contract_tasks(app: QueueTasks) -> None:
+    async def yield_func(result: int) -> int:
+        return result + 2
+
+    @app.task(name="test_yield", generate_handler=yield_func)
+    async def test_yield(n: int):  # type: ignore[no-untyped-def]
+        for _ in range(n):
+            n += 1
+            yield n
+
+    @app.task(name="add")
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    @app.task(name="sync_add")
+    def sync_add(a: int, b: int) -> int:
+        return a + b
+
+    @app.task(name="sync_gen", generate_handler=lambda v: v * 10)
+    def sync_gen(n: int, pause: float = 0.0):  # type: ignore[no-untyped-def]
+        for i in range(n):
+            time.sleep(pause)  # blocking on purpose: must not stall the event loop
+            yield i
+
+    @app.task(name="count")
+    async def count(n: int):  # type: ignore[no-untyped-def]
+        for i in range(n):
+            yield i
+
+    @app.task(name="handshake")
+    async def handshake(token: str):  # type: ignore[no-untyped-def]
+        yield "first"
+        await gate(token).wait()  # released once the test's stream() has seen "first"
+        yield "second"
+
+    @app.task(name="held")
+    async def held(token: str, value: Any = None) -> Any:
+        gate(f"{token}:started").set()
+        await gate(token).wait()
+        return value
+
+    @app.task(name="barrier")
+    async def barrier(token: str, parties: int) -> int:
+        CALLS[token] = CALLS.get(token, 0) + 1
+        if CALLS[token] >= parties:
+            gate(token).set()
+        await gate(token).wait()
+        return parties
+
+    @app.task(name="fail_mid_gen")
+    async def fail_mid_gen():  # type: ignore[no-untyped-def]
+        yield 1
+        yield 2
+        raise ValueError("broken after two")
+
+    @app.task(name="flaky", retry=2, retry_backoff=0.05)
+    async def flaky(token: str, failures: int):  # type: ignore[no-untyped-def]
+        CALLS[token] = CALLS.get(token, 0) + 1
+        yield CALLS[token]
+        if CALLS[token] <= failures:
+            raise RuntimeError(f"failure {CALLS[token]}")
+
+    @app.task(name="too_slow", max_time=0.2)
+    async def too_slow() -> None:
+        await asyncio.sleep(30)
+
+    @app.task(name="unencodable_result")
+    async def unencodable_result() -> object:
+        return object()
+
+    @app.task(name="doubled", executor=DoublingExecutor)
+    async def doubled(n: int):  # type: ignore[no-untyped-def]
+        for i in range(n):
+            yield i
+
+    @app.task(name="tagged", description="d", queue="other", tags=["a", "b"], result_ttl=60)
+    async def tagged() -> str:
+        return "other queue"
+
+
+class Backend:
+    """Fresh connections into one namespace; remembers every app to close it."""
+
+    def __init__(self, broker: Callable[[], Broker], results: Callable[[], ResultStore]) -> None:
+        self.make_broker = broker
+        self.make_results = results
+        self.apps: list[QueueTasks] = []
+
+    def app(self, **options: Any) -> QueueTasks:
+        app = QueueTasks(broker=self.make_broker(), results=self.make_results(),
+                         embedded_worker=False, **options)
+        register_contract_tasks(app)
+        self.apps.append(app)
+        return app
+
+    async def close(self) -> None:
+        for app in self.apps:
+            with contextlib.suppress(Exception):
+                await app.close()
+
+
+@contextlib.asynccontextmanager
+async def running_worker(app: QueueTasks, **options: Any) -> AsyncIterator[Worker]:
+    worker = Worker(app, **options)
+    run = asyncio.create_task(worker.run())
+    async with asyncio.timeout(DEADLINE):
+        started = asyncio.create_task(worker.wait_started())
+        await asyncio.wait({run, started}, return_when=asyncio.FIRST_COMPLETED)
+        if run.done():
+            started.cancel()
+            run.result()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        async with asyncio.timeout(DEADLINE + worker.grace):
+            await run
+
+
+class Drain:
+    """Reads an async iterator in a background task into a queue.
+
+    Cancelling ``anext()`` on an async generator closes the generator, so a test that
+    wants to see "nothing arrives for a while" cannot time out a pending ``anext``; it
+    waits on this queue instead."""
+
+    def __init__(self, iterator: AsyncIterator[Any]) -> None:
+        self.iterator = iterator
+        self.items: asyncio.Queue[Any] = asyncio.Queue()
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for item in self.iterator:
+            await self.items.put(item)
+
+    async def next(self, timeout: float = DEADLINE) -> Any:
+        getter = asyncio.ensure_future(self.items.get())
+        done, _ = await asyncio.wait({getter, self.reader}, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            return getter.result()
+        getter.cancel()
+        if self.reader in done:
+            self.reader.result()
+            raise AssertionError("the iterator ended")
+        raise AssertionError(f"nothing arrived within {timeout} s")
+
+    async def nothing_within(self, timeout: float) -> bool:
+        """True if nothing arrives for ``timeout`` seconds (a bounded negative check)."""
+        try:
+            item = await self.next(timeout)
+        except AssertionError:
+            return True
+        await self.items.put(item)
+        return False
+
+    async def close(self) -> None:
+        self.reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.reader
+        aclose = getattr(self.iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def task_message(queue: str, priority: int = 0, not_before: float | None = None,
+                 name: str = "add") -> tuple[TaskMessage, bytes]:
+    message = TaskMessage(id=uuid7(), task=name, args=[1, 2], queue=queue, priority=priority,
+                          created_at=time.time(), not_before=not_before)
+    return message, encode(message)
+
+
+class BackendContract:
+    """Subclass and override ``backend``."""
+
+    @pytest.fixture
+    async def backend(self) -> AsyncIterator[Backend]:
+        raise NotImplementedError("a backend's test module overrides this fixture")
+        yield  # pragma: no cover
+
+    # -- the user's API end to end -------------------------------------------------
+
+    async def test_seed_generator_returns_handled_values(self, backend: Backend) -> None:
+        producer, worker_app = backend.app(), backend.app()
+        async with running_worker(worker_app):
+            task = await producer.add_task("test_yield", 5, timeout=DEADLINE)
+        assert task.status is TaskStatus.SUCCESS
+        assert task.returning == [8, 9, 10, 11, 12]
+        assert task.partials == 5
+        assert task.worker and task.started_at and task.finished_at
+        assert task.started_at <= task.finished_at
+
+    async def test_sync_function_and_sync_generator(self, backend: Backend) -> None:
+        producer, worker_app = backend.app(), backend.app()
+        async with running_worker(worker_app):
+            plain = await producer.add_task("sync_add", 2, b=3, timeout=DEADLINE)
+            gen = await producer.add_task("sync_gen", 3, timeout=DEADLINE)
+        assert plain.returning == 5
+        assert gen.returning == [0, 10, 20]
+
+    async def test_stream_yields_every_partial_in_order_then_ends(self, backend: Backend) -> None:
+        producer, worker_app = backend.app(), backend.app()
+        async with running_worker(worker_app):
+            task = await producer.add_task("count", 500)
+            async with asyncio.timeout(DEADLINE):
+                values = [v async for v in task.stream()]
+                await task.wait()
+        assert values == list(range(500))
+        assert task.returning == list(range(500))
+
+    async def test_stream_after_the_end_replays_from_the_first(self, backend: Backend) -> None:
+        producer, worker_app = backend.app(), backend.app()
+        async with running_worker(worker_app):
+            task = await producer.add_task("count", 20, timeout=DEADLINE)
+        async with asyncio.timeout(DEADLINE):
+            assert [v async for v in task.stream()] == list(range(20))
+
+    async def test_partial_reaches_stream_before_the_next_yield(self, backend: Backend) -> None:
+        """The generator waits until stream() received its first partial: it can only
+        finish if partials are delivered as they are produced, not at the end."""
+        producer, worker_app = backend.app(), backend.app()
+        token = uuid7()
+        async with running_worker(worker_app):
+            task = await producer.add_task("handshake", token)
+            received = []
+            async with asyncio.timeout(DEADLINE):
+                async for value in task.stream():
+                    received.append(value)
+                    if value == "first":
+                        gate(token).set()
+                await task.wait()
+        assert received == ["first", "second"]
+        assert task.status is TaskStatus.SUCCESS
+
+    async def test_sync_generator_does_not_stall_the_loop(self, backend: Backend) -> None:
+        producer, worker_app = backend.app(), backend.app()
+        gaps: list[float] = []
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            last = time.perf_counter()
+            while not stop.is_set():
+                await asyncio.sleep(0.01)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        async with running_worker(worker_app):
+            ticking = asyncio.create_task(ticker())
+            task = await producer.add_task("sync_gen", 4, pause=0.25, timeout=DEADLINE)
+            stop.set()
+            await ticking
+        assert task.returning == [0, 10, 20, 30]
+        # Each blocking sleep is 0.25 s; had it run on the loop, a gap would be >= 0.25 s.
+        assert max(gaps) < 0.2, max(gaps)
+
+    async def test_listen_sees_every_run_from_any_producer(self, backend: Backend) -> None:
+        producer_a, producer_b = backend.app(), backend.app()
+        listener, worker_app = backend.app(), backend.app()
+        events = Drain(await listener.subscribe("count"))
+        async with running_worker(worker_app):
+            first = await producer_a.add_task("count", 2, timeout=DEADLINE)
+            second = await producer_b.add_task("count", 2, timeout=DEADLINE)
+            await producer_a.add_task("add", 1, 2, timeout=DEADLINE)  # another task name
+            seen: dict[str, list[ResultEvent]] = {first.id: [], second.id: []}
+            finals = 0
+            while finals < 2:
+                event = await events.next()
+                assert event.task == "count"
+                seen[event.id].append(event)
+                finals += event.kind == "final"
+            await events.close()
+        for task_id in (first.id, second.id):
+            kinds = [(e.kind, e.value) for e in seen[task_id]]
+            assert kinds == [("status", None), ("partial", 0), ("partial", 1), ("final", None)]
+
+    async def test_listen_star_sees_every_task(self, backend: Backend) -> None:
+        listener, producer, worker_app = backend.app(), backend.app(), backend.app()
+        events = Drain(await listener.subscribe("*"))
+        async with running_worker(worker_app):
+            a = await producer.add_task("add", 1, 1, timeout=DEADLINE)
+            b = await producer.add_task("sync_add", 1, 1, timeout=DEADLINE)
+            finals = set()
+            while len(finals) < 2:
+                event = await events.next()
+                if event.kind == "final":
+                    finals.add(event.id)
+            await events.close()
+        assert finals == {a.id, b.id}
+
+    async def test_get_and_watch_from_an_app_that_did_not_submit(self, backend: Backend) -> None:
+        producer, worker_app = backend.app(), backend.app()
+        async with running_worker(worker_app):
+            task = await producer.add_task("count", 3, timeout=DEADLINE)
+        reader = backend.app()
+        found = await reader.get(task.id)
+        assert found is not None
+        assert found.status is TaskStatus.SUCCESS
+        assert found.returning == [0, 1, 2]
+        assert found.name == "count"
+        async with asyncio.timeout(DEADLINE):
+            assert [v async for v in reader.task_handle(task.id).stream()] == [0, 1, 2]
+        assert await reader.get(uuid7()) is None
+
+    async def test_get_while_running(self, backend: Backend) -> None:
+        producer, worker_app, reader = backend.app(), backend.app(), backend.app()
+        token = uuid7()
+        async with running_worker(worker_app):
+            task = await producer.add_task("held", token, "v")
+            async with asyncio.timeout(DEADLINE):
+                await gate(f"{token}:started").wait()
+                while (state := await reader.get(task.id)) is None:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)  # polling the store under test, bounded
+            assert state.status is TaskStatus.RUNNING
+            gate(token).set()
+            await task.wait(DEADLINE)
+        assert task.returning == "v"
+
+    async def test_executor_replacement_still_streams(self, backend: Backend) -> None:
+        producer, worker_app = backend.app(), backend.app()
+        async with running_worker(worker_app):
+            task = await producer.add_task("doubled", 3)
+            async with asyncio.timeout(DEADLINE):
+                streamed = [v async for v in task.stream()]
+            await task.wait(DEADLINE)
+        assert streamed == [0, 2, 4]
+        assert task.returning == [0, 2, 4]
+
+    async def test_tasks_run_concurrently(self, backend: Backend) -> None:
+        """Five runs that only finish when all five have started."""
+        producer, worker_app = backend.app(), backend.app()
+        token = uuid7()
+        async with running_worker(worker_app, concurrency=5):
+            tasks = [await producer.add_task("barrier", token, 5) for _ in range(5)]
+            async with asyncio.timeout(DEADLINE):
+                done = await asyncio.gather(*(t.wait() for t in tasks))
+        assert [t.returning for t in done] == [5] * 5
+
+    async def test_task_on_another_queue(self, backend: Backend) -> None:
+        producer, worker_app = backend.app(), backend.app()
+        async with running_worker(worker_app, queues=["other"]):
+            task = await producer.add_task("tagged", timeout=DEADLINE)
+        assert task.returning == "other queue"
+
+    async def test_delay(self, backend: Backend) -> None:
+        producer, worker_app = backend.app(), backend.app()
+        async with running_worker(worker_app):
+            begin = time.time()
+            task = await producer.add_task("add", 1, 2, delay=0.5, timeout=DEADLINE)
+        assert task.returning == 3
+        assert task.started_at is not None and task.started_at - begin >= 0.45
+
+    # -- failures ------------------------------------------------------------------
+
+    async def test_error_mid_generator_keeps_published_partials(self, backend: Backend) -> None:
+        producer, worker_app = backend.app(), backend.app()
+        async with running_worker(worker_app):
+            task = await producer.add_task("fail_mid_gen")
+            async with asyncio.timeout(DEADLINE):
+                streamed = [v async for v in task.stream()]
+            await task.wait(DEADLINE)
+            after = await producer.add_task("add", 2, 2, timeout=DEADLINE)
+        assert streamed == [1, 2]
+        assert task.status is TaskStatus.ERROR
+        assert task.error is not None
+        assert task.error.type == "ValueError"
+        assert task.error.message == "broken after two"
+        assert "fail_mid_gen" in task.error.traceback
+        assert after.returning == 4
+
+    async def test_max_time_exceeded_is_an_error(self, backend: Backend) -> None:
+        producer, worker_app = backend.app(), backend.app()
+        async with running_worker(worker_app):
+            slow = await producer.add_task("too_slow")
+            fine = await producer.add_task("add", 1, 1, timeout=DEADLINE)
+            await slow.wait(DEADLINE)
+        assert fine.returning == 2
+        assert slow.status is TaskStatus.ERROR
+        assert slow.error is not None and slow.error.type == "TaskTimeLimitExceeded"
+
+    async def test_retries_restart_the_stream(self, backend: Backend) -> None:
+        producer, worker_app = backend.app(), backend.app()
+        token = uuid7()
+        async with running_worker(worker_app):
+            task = await producer.add_task("flaky", token, 2)
+            async with asyncio.timeout(DEADLINE):
+                streamed = [v async for v in task.stream()]
+            await task.wait(DEADLINE)
+        assert task.status is TaskStatus.SUCCESS
+        assert task.attempt == 3
+        assert task.returning == [3]
+        assert streamed[0] == 1
+        assert isinstance(streamed[1], Restarted) and streamed[1].attempt == 2
+        assert streamed[2] == 2
+        assert isinstance(streamed[3], Restarted) and streamed[3].attempt == 3
+        assert streamed[4] == 3
+
+    async def test_retries_exhausted_is_an_error(self, backend: Backend) -> None:
+        producer, worker_app = backend.app(), backend.app()
+        async with running_worker(worker_app):
+            task = await producer.add_task("flaky", uuid7(), 5, timeout=DEADLINE)
+        assert task.status is TaskStatus.ERROR
+        assert task.attempt == 3
+        assert task.error is not None and task.error.message == "failure 3"
+
+    async def test_unencodable_result_is_an_error(self, backend: Backend) -> None:
+        producer, worker_app = backend.app(), backend.app()
+        async with running_worker(worker_app):
+            task = await producer.add_task("unencodable_result", timeout=DEADLINE)
+        assert task.status is TaskStatus.ERROR
+        assert task.error is not None and task.error.type == "MessageEncodeError"
+
+    async def test_wait_timeout_names_the_task_and_the_task_goes_on(
+            self, backend: Backend) -> None:
+        producer, worker_app = backend.app(), backend.app()
+        token = uuid7()
+        async with running_worker(worker_app):
+            task = await producer.add_task("held", token, 7)
+            with pytest.raises(TaskTimeoutError) as raised:
+                await task.wait(timeout=0.2)
+            assert task.id in str(raised.value)
+            assert raised.value.task_id == task.id
+            gate(token).set()
+            await task.wait(DEADLINE)
+        assert task.returning == 7
+
+    async def test_add_task_timeout_raises_naming_the_task(self, backend: Backend) -> None:
+        producer, worker_app = backend.app(), backend.app()
+        token = uuid7()
+        async with running_worker(worker_app):
+            with pytest.raises(TaskTimeoutError) as raised:
+                await producer.add_task("held", token, 1, timeout=0.2)
+            gate(token).set()
+            task = await producer.task_handle(raised.value.task_id).wait(DEADLINE)
+        assert task.returning == 1
+
+    async def test_bad_input_is_refused_before_publishing(self, backend: Backend) -> None:
+        producer, worker_app = backend.app(max_message_size=10_000), backend.app()
+        with pytest.raises(MessageEncodeError):
+            await producer.add_task("add", object(), 1)
+        with pytest.raises(MessageTooLargeError, match="over the limit"):
+            await producer.add_task("add", "x" * 20_000, 1)
+        events = Drain(await worker_app.subscribe("add"))
+        async with running_worker(worker_app):
+            ok = await producer.add_task("add", 1, 1, timeout=DEADLINE)
+            # The only task the worker ever saw is the valid one.
+            first = await events.next()
+            await events.close()
+        assert ok.returning == 2
+        assert first.id == ok.id
+
+    async def test_unknown_task_is_dead_lettered_and_the_worker_goes_on(
+            self, backend: Backend) -> None:
+        producer, worker_app = backend.app(), backend.app()
+        async with running_worker(worker_app) as worker:
+            unknown = await producer.add_task("no_such_task", 1)
+            garbage = TaskMessage(id=uuid7(), task="add", queue="default")
+            await producer.broker.publish(garbage, b"\x00 not json")
+            ok = await producer.add_task("add", 1, 2, timeout=DEADLINE)
+            assert ok.returning == 3
+            async with asyncio.timeout(DEADLINE):
+                while worker.processed < 3:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)  # counting settled deliveries, bounded
+        assert await producer.get(unknown.id) is None
+
+    async def test_priority_is_honoured_or_refused(self, backend: Backend) -> None:
+        producer = backend.app()
+        if not producer.broker.supports_priority:
+            with pytest.raises(ConfigurationError):
+                await producer.add_task("add", 1, 2, priority=5)
+            return
+        queue = "prio"
+        await producer.start()
+        await producer.broker.declare([queue])
+        low, low_body = task_message(queue, priority=1)
+        high, high_body = task_message(queue, priority=9)
+        await producer.broker.publish(low, low_body)
+        await producer.broker.publish(high, high_body)
+        consumer = backend.app()
+        await consumer.start()
+        deliveries = Drain(consumer.broker.consume([queue], prefetch=1))
+        try:
+            first = await deliveries.next()
+            await first.ack()
+            second = await deliveries.next()
+            await second.ack()
+        finally:
+            await deliveries.close()
+        assert [first.body, second.body] == [high_body, low_body]
+
+    # -- the broker contract directly ----------------------------------------------
+
+    async def test_prefetch_bounds_unsettled_deliveries(self, backend: Backend) -> None:
+        app = backend.app()
+        await app.start()
+        queue = "bounded"
+        await app.broker.declare([queue])
+        bodies = []
+        for _ in range(3):
+            message, body = task_message(queue)
+            await app.broker.publish(message, body)
+            bodies.append(body)
+        deliveries = Drain(app.broker.consume([queue], prefetch=2))
+        try:
+            first = await deliveries.next()
+            second = await deliveries.next()
+            assert await deliveries.nothing_within(0.5)
+            await first.ack()
+            third = await deliveries.next()
+            await second.ack()
+            await third.ack()
+        finally:
+            await deliveries.close()
+        assert sorted([first.body, second.body, third.body]) == sorted(bodies)
+
+    async def test_requeue_and_closed_consumer_redeliver(self, backend: Backend) -> None:
+        app, other = backend.app(), backend.app()
+        await app.start()
+        await other.start()
+        queue = "redeliver"
+        await app.broker.declare([queue])
+        message, body = task_message(queue)
+        await app.broker.publish(message, body)
+        deliveries = Drain(app.broker.consume([queue], prefetch=1))
+        delivery = await deliveries.next()
+        assert delivery.body == body and not delivery.redelivered
+        await delivery.requeue()
+        again = await deliveries.next()
+        assert again.body == body and again.redelivered
+        # Never settled: closing the consumer's broker gives it to another consumer.
+        await deliveries.close()
+        await app.broker.close()
+        elsewhere = Drain(other.broker.consume([queue], prefetch=1))
+        try:
+            third = await elsewhere.next()
+            assert third.body == body and third.redelivered
+            await third.ack()
+            assert await elsewhere.nothing_within(0.3)
+        finally:
+            await elsewhere.close()
+
+    async def test_retry_later_comes_back_after_the_delay(self, backend: Backend) -> None:
+        app = backend.app()
+        await app.start()
+        queue = "later"
+        await app.broker.declare([queue])
+        message, body = task_message(queue)
+        await app.broker.publish(message, body)
+        deliveries = Drain(app.broker.consume([queue], prefetch=1))
+        try:
+            delivery = await deliveries.next()
+            settled = time.monotonic()
+            await delivery.retry_later(0.4)
+            again = await deliveries.next()
+            assert time.monotonic() - settled >= 0.35
+            assert again.body == body
+            await again.ack()
+        finally:
+            await deliveries.close()
+
+    async def test_dead_letter_is_not_redelivered(self, backend: Backend) -> None:
+        app = backend.app()
+        await app.start()
+        queue = "dead"
+        await app.broker.declare([queue])
+        message, body = task_message(queue)
+        await app.broker.publish(message, body)
+        deliveries = Drain(app.broker.consume([queue], prefetch=1))
+        try:
+            delivery = await deliveries.next()
+            await delivery.dead_letter("test reason")
+            await delivery.ack()  # settling twice is a no-op
+            assert await deliveries.nothing_within(0.5)
+        finally:
+            await deliveries.close()
+
+    # -- the result store contract directly ----------------------------------------
+
+    async def test_watch_is_ordered_and_ends_after_final(self, backend: Backend) -> None:
+        writer, reader = backend.app(), backend.app()
+        await writer.start()
+        await reader.start()
+        task_id = uuid7()
+        events = [ResultEvent(kind="status", id=task_id, task="t", status="running", ts=1.0)]
+        events += [ResultEvent(kind="partial", id=task_id, task="t", seq=i, value=i)
+                   for i in range(100)]
+        events.append(ResultEvent(kind="final", id=task_id, task="t", status="success",
+                                  returning=list(range(100)), partials=100))
+        for event in events[:50]:
+            await writer.results_store.publish(event, encode(event))
+        received = []
+        async with asyncio.timeout(DEADLINE):
+            watcher = reader.results_store.watch(task_id)
+            received.append(await anext(watcher))  # replayed from storage
+            for event in events[50:]:
+                await writer.results_store.publish(event, encode(event))
+            received += [e async for e in watcher]
+        keys = [(e.kind, e.seq) for e in received]
+        deduplicated = list(dict.fromkeys(keys))
+        assert deduplicated == [(e.kind, e.seq) for e in events]
+        latest = await reader.results_store.get(task_id)
+        assert latest is not None and latest.kind == "final"
+        assert latest.returning == list(range(100))
+

@@ -1,0 +1,187 @@
+"""The core without a broker in mind: declaring tasks, executors, the registry, the worker's
+stop, and the seed program run exactly as written."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from brokers.memory import MemoryBroker
+from qtasks import (
+    AsyncTaskExecutor,
+    ConfigurationError,
+    QueueTasks,
+    SyncTaskExecutor,
+    TaskExecSchema,
+    TaskStatus,
+    Worker,
+)
+from qtasks.registry import broker_from_url, redact, results_from_url
+from results.memory import MemoryResultStore
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_seed_program_prints_the_seed_result() -> None:
+    out = subprocess.run([sys.executable, "examples/yield_task.py"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.splitlines() == ["6", "7", "8", "9", "10", "[8, 9, 10, 11, 12]"]
+
+
+def test_demo_command_streams_then_prints_the_list() -> None:
+    out = subprocess.run([sys.executable, "-m", "qtasks", "demo", "--delay", "0.01"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    partials = [line.rsplit(" ", 1)[-1] for line in out.splitlines() if "partial" in line]
+    assert partials == ["8", "9", "10", "11", "12"]
+    assert out.splitlines()[-1] == "success: returning = [8, 9, 10, 11, 12]"
+
+
+def test_schema_flags_follow_the_seed() -> None:
+    async def coro() -> None: ...
+    async def agen():  # type: ignore[no-untyped-def]
+        yield 1
+    def func() -> None: ...
+    def gen():  # type: ignore[no-untyped-def]
+        yield 1
+    flags = {f.__name__: (TaskExecSchema(f.__name__, f).awaiting,
+                          TaskExecSchema(f.__name__, f).generating)
+             for f in (coro, agen, func, gen)}
+    assert flags == {"coro": (True, False), "agen": (True, True), "func": (False, False),
+                     "gen": (False, True)}
+
+
+async def test_executors_run_locally_with_handler_and_emit() -> None:
+    published: list[Any] = []
+
+    async def publish(value: Any) -> None:
+        published.append(value)
+
+    def gen(n: int):  # type: ignore[no-untyped-def]
+        yield from range(n)
+
+    schema = TaskExecSchema("gen", gen, generate_handler=lambda v: v + 1)
+    result = await SyncTaskExecutor(schema, (3,), publish=publish).execute()
+    assert result == [1, 2, 3]
+    assert published == [1, 2, 3]
+
+    async def plain(a: int, *, b: int) -> int:
+        return a * b
+
+    assert await AsyncTaskExecutor(TaskExecSchema("p", plain), (3,), {"b": 4}).execute() == 12
+
+
+def test_decorator_bare_and_with_options_and_direct_call() -> None:
+    app = QueueTasks()
+
+    @app.task
+    def double(x: int) -> int:
+        return x * 2
+
+    @app.task(name="renamed", queue="q2", priority=3, max_time=5, retry=2, tags=["x"])
+    async def other() -> None: ...
+
+    assert double(21) == 42  # a direct call runs locally
+    assert app.registry["double"].queue == "default"
+    schema = app.registry["renamed"]
+    assert (schema.queue, schema.priority, schema.max_time, schema.retry.retries,
+            schema.tags) == ("q2", 3, 5, 2, ("x",))
+    assert app.queues() == ["default", "q2"]
+    with pytest.raises(ConfigurationError, match="already registered"):
+        app.task(name="double")(lambda: None)
+
+
+def test_unsupported_priority_is_refused_at_configuration() -> None:
+    class NoPriorities(MemoryBroker):
+        supports_priority = False
+
+    app = QueueTasks(broker=NoPriorities())
+    with pytest.raises(ConfigurationError, match="priorities"):
+        app.task(priority=1)(lambda: None)
+
+
+def test_registry_resolves_and_explains() -> None:
+    assert isinstance(broker_from_url("memory://"), MemoryBroker)
+    assert isinstance(results_from_url("memory://x"), MemoryResultStore)
+    with pytest.raises(ConfigurationError, match="known: amqp, amqps, memory, nats, tls"):
+        broker_from_url("redis://localhost")
+    with pytest.raises(ConfigurationError, match="no scheme"):
+        broker_from_url("127.0.0.1")
+    assert redact("amqp://user:secret@host:5672/") == "amqp://user:***@host:5672/"
+    assert redact("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
+
+
+def test_environment_configures_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QTASKS_BROKER_URL", "memory://from-env")
+    app = QueueTasks()
+    assert isinstance(app.broker, MemoryBroker) and app.broker.url == "memory://from-env"
+    assert isinstance(app.results_store, MemoryResultStore)
+
+
+async def test_embedded_worker_with_async_with() -> None:
+    app = QueueTasks()
+
+    @app.task
+    async def hello(name: str) -> str:
+        return f"hello {name}"
+
+    async with app:
+        task = await hello.add_task("you", timeout=10)
+    assert task.returning == "hello you"
+    assert task.status is TaskStatus.SUCCESS
+
+
+def _held_app() -> tuple[QueueTasks, QueueTasks, dict[str, asyncio.Event]]:
+    url = f"memory://{uuid.uuid4().hex}"
+    events: dict[str, asyncio.Event] = {"started": asyncio.Event(), "release": asyncio.Event()}
+    apps = []
+    for _ in range(2):
+        app = QueueTasks(broker=MemoryBroker(url), results=MemoryResultStore(url),
+                         embedded_worker=False)
+
+        @app.task
+        async def held() -> str:
+            events["started"].set()
+            await events["release"].wait()
+            return "finished"
+
+        apps.append(app)
+    return apps[0], apps[1], events
+
+
+async def test_graceful_stop_finishes_in_flight_work() -> None:
+    producer, worker_app, events = _held_app()
+    worker = Worker(worker_app, grace=10)
+    run = asyncio.create_task(worker.run())
+    task = await producer.add_task("held")
+    await asyncio.wait_for(events["started"].wait(), 10)
+    worker.stop()
+    asyncio.get_running_loop().call_later(0.1, events["release"].set)
+    await asyncio.wait_for(run, 10)
+    assert (await task.wait(1)).returning == "finished"
+
+
+async def test_stop_past_grace_gives_the_task_back() -> None:
+    producer, worker_app, events = _held_app()
+    worker = Worker(worker_app, grace=0.1)
+    run = asyncio.create_task(worker.run())
+    task = await producer.add_task("held")
+    await asyncio.wait_for(events["started"].wait(), 10)
+    began = time.monotonic()
+    worker.stop()
+    await asyncio.wait_for(run, 10)
+    assert time.monotonic() - began < 5
+    assert (await producer.get(task.id)).status is TaskStatus.RUNNING  # type: ignore[union-attr]
+    # The message went back unacked: a new worker runs it to the end.
+    events["release"].set()
+    second = Worker(worker_app)
+    rerun = asyncio.create_task(second.run())
+    assert (await task.wait(10)).returning == "finished"
+    second.stop()
+    await asyncio.wait_for(rerun, 10)

@@ -1,0 +1,107 @@
+"""Wire protocol v1: what round-trips, what is refused, and how ids are ordered."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qtasks import MessageDecodeError, MessageEncodeError, MessageTooLargeError
+from qtasks.protocol import (
+    ErrorInfo,
+    ResultEvent,
+    TaskMessage,
+    decode_result,
+    decode_task,
+    encode,
+    uuid7,
+    uuid7_time,
+)
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text()
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=10,
+)
+
+
+@given(args=st.lists(json_values, max_size=4), kwargs=st.dictionaries(st.text(), json_values,
+                                                                       max_size=4))
+def test_task_message_round_trips(args: list[object], kwargs: dict[str, object]) -> None:
+    message = TaskMessage(id=uuid7(), task="t", args=args, kwargs=kwargs, queue="q",
+                          priority=3, created_at=1.5, attempt=2, max_time=4.0, not_before=9.0,
+                          headers={"reply_to": "r"})
+    assert decode_task(encode(message)) == message
+
+
+@given(value=json_values)
+def test_result_events_round_trip(value: object) -> None:
+    partial = ResultEvent(kind="partial", id=uuid7(), task="t", attempt=2, seq=7, value=value,
+                          ts=1.0)
+    assert decode_result(encode(partial)) == partial
+    final = ResultEvent(kind="final", id=uuid7(), task="t", status="error", returning=value,
+                        error=ErrorInfo("E", "m", "tb"), started_at=1.0, finished_at=2.0,
+                        worker="w", partials=3, ts=2.0)
+    assert decode_result(encode(final)) == final
+
+
+def test_partial_carries_only_its_fields() -> None:
+    event = ResultEvent(kind="partial", id="i", task="t", seq=0, value=1)
+    assert set(orjson.loads(encode(event))) == {"v", "kind", "id", "task", "attempt", "ts",
+                                                 "seq", "value"}
+
+
+def test_unencodable_arguments_are_refused_with_the_task_named() -> None:
+    message = TaskMessage(id="abc", task="t", args=[object()])
+    with pytest.raises(MessageEncodeError, match="task 't' id abc"):
+        encode(message)
+
+
+def test_size_limit() -> None:
+    message = TaskMessage(id="abc", task="t", args=["x" * 100])
+    assert encode(message, max_size=1000)
+    with pytest.raises(MessageTooLargeError, match="over the limit of 50 bytes"):
+        encode(message, max_size=50)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"\xff\x00", "not JSON"),
+        (b"[1, 2]", "not an object"),
+        (b'{"v": 2, "id": "a", "task": "t"}', "version"),
+        (b'{"v": 1, "task": "t"}', "'id'"),
+        (b'{"v": 1, "id": "a", "task": 5}', "'task'"),
+        (b'{"v": 1, "id": "a", "task": "t", "args": {}}', "'args'"),
+        (b'{"v": 1, "kind": "final", "id": "a", "task": "t"}', "kind"),
+    ],
+)
+def test_decode_says_what_is_wrong(body: bytes, reason: str) -> None:
+    with pytest.raises(MessageDecodeError, match=reason):
+        decode_task(body)
+
+
+def test_uuid7_is_time_ordered_and_valid() -> None:
+    ids = [uuid7() for _ in range(1000)]
+    parsed = [uuid.UUID(i) for i in ids]
+    assert all(p.version == 7 and p.variant == uuid.RFC_4122 for p in parsed)
+    assert len(set(ids)) == 1000
+    stamp = uuid7_time(ids[0])
+    assert stamp is not None and abs(stamp - time.time()) < 5
+    # Ordered by millisecond: the timestamp prefix never goes backwards.
+    prefixes = [i[:13] for i in ids]
+    assert prefixes == sorted(prefixes)
+    assert uuid7_time(str(uuid.uuid4())) is None
+    assert uuid7_time("not-a-uuid") is None
+
+
+def test_wrong_field_types_are_decode_errors() -> None:
+    with pytest.raises(MessageDecodeError, match="wrong type"):
+        decode_task(b'{"v": 1, "id": "a", "task": "t", "priority": "high"}')
+    with pytest.raises(MessageDecodeError, match="wrong type"):
+        decode_result(b'{"v": 1, "kind": "final", "id": "a", "task": "t", "error": 3}')
