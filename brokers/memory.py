@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from qtasks.interfaces import Broker, Delivery
+from qtasks.interfaces import Broker, DeadLetter, Delivery, QueueStats
 from qtasks.protocol import TaskMessage
 
 
@@ -28,14 +28,6 @@ class _Entry:
     body: bytes = field(compare=False)
     priority: int = field(compare=False, default=0)
     redelivered: bool = field(compare=False, default=False)
-
-
-@dataclass(slots=True)
-class DeadLetter:
-    queue: str
-    body: bytes
-    reason: str
-    at: float
 
 
 class MemoryHub:
@@ -145,7 +137,9 @@ class MemoryDelivery(Delivery):
 
     async def dead_letter(self, reason: str) -> None:
         if self._settle():
-            self.broker.hub.dead.append(DeadLetter(self.queue, self.body, reason, time.time()))
+            hub = self.broker.hub
+            ref = str(next(hub.order))
+            hub.dead.append(DeadLetter(ref, self.queue, self.body, reason, time.time()))
 
 
 class MemoryBroker(Broker):
@@ -181,6 +175,23 @@ class MemoryBroker(Broker):
             self.unsettled.add(delivery)
             yield delivery
 
-    @property
-    def dead_letters(self) -> list[DeadLetter]:
-        return self.hub.dead
+    async def inspect(self, queues: Sequence[str]) -> list[QueueStats]:
+        in_flight: dict[str, int] = {}
+        for delivery in self.unsettled:
+            in_flight[delivery.queue] = in_flight.get(delivery.queue, 0) + 1
+        return [QueueStats(q, self.hub.depth(q), in_flight.get(q, 0)) for q in queues]
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        return self.hub.dead[:limit]
+
+    async def requeue_dead(self, refs: Sequence[str] | None = None) -> int:
+        chosen = [d for d in self.hub.dead if refs is None or d.ref in refs]
+        for letter in chosen:
+            self.hub.dead.remove(letter)
+            await self.hub.put(letter.queue, letter.body, 0, None)
+        return len(chosen)
+
+    async def purge_dead(self) -> int:
+        count = len(self.hub.dead)
+        self.hub.dead.clear()
+        return count

@@ -13,7 +13,7 @@ from qtasks.errors import (
     UnknownTaskError,
 )
 from qtasks.executors import AsyncTaskExecutor, BaseTaskExecutor, SyncTaskExecutor
-from qtasks.interfaces import Broker, Delivery, ResultStore
+from qtasks.interfaces import Broker, DeadLetter, Delivery, QueueStats, ResultStore
 from qtasks.protocol import ErrorInfo, ResultEvent, TaskMessage
 from qtasks.task import Restarted, RetryPolicy, Task, TaskExecSchema, TaskFunction, TaskStatus
 from qtasks.worker import Worker
@@ -24,12 +24,14 @@ __all__ = [
     "Broker",
     "BrokerUnavailableError",
     "ConfigurationError",
+    "DeadLetter",
     "Delivery",
     "ErrorInfo",
     "MessageDecodeError",
     "MessageEncodeError",
     "MessageTooLargeError",
     "QTasksError",
+    "QueueStats",
     "QueueTasks",
     "Restarted",
     "ResultEvent",

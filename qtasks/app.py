@@ -9,7 +9,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 from qtasks.errors import ConfigurationError
 from qtasks.executors import BaseTaskExecutor
@@ -17,6 +17,9 @@ from qtasks.interfaces import Broker, ResultStore
 from qtasks.protocol import DEFAULT_MAX_MESSAGE_SIZE, ResultEvent, TaskMessage, encode, uuid7
 from qtasks.registry import broker_from_url, redact, results_from_url
 from qtasks.task import RetryPolicy, Task, TaskExecSchema, TaskFunction, TaskStatus
+
+if TYPE_CHECKING:
+    from qtasks.sync import SyncApp
 
 log = logging.getLogger("qtasks")
 
@@ -61,6 +64,7 @@ class QueueTasks:
         self._start_lock: asyncio.Lock | None = None
         self._embedded: Any = None  # the in-process Worker, for an embedded broker
         self._embedded_run: asyncio.Task[None] | None = None
+        self._sync: SyncApp | None = None
 
     # -- declaring tasks -------------------------------------------------------------
 
@@ -263,6 +267,15 @@ class QueueTasks:
             aclose = getattr(events, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+    @property
+    def sync(self) -> SyncApp:
+        """The blocking API for code without an event loop; see ``qtasks.sync``."""
+        if self._sync is None:
+            from qtasks.sync import SyncApp
+
+            self._sync = SyncApp(self)
+        return self._sync
 
     def __repr__(self) -> str:
         broker = getattr(self.broker, "url", type(self.broker).__name__)

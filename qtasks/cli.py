@@ -1,4 +1,5 @@
-"""The ``qtasks`` command: ``worker`` runs a worker process, ``demo`` shows streaming."""
+"""The ``qtasks`` command: ``worker`` runs a worker process, ``demo`` shows streaming, and
+``send``/``listen``/``status``/``inspect``/``dead`` operate a deployment from a shell."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import signal
 import sys
 from collections.abc import Sequence
 
+import orjson
+
 from qtasks.app import QueueTasks
-from qtasks.errors import ConfigurationError
+from qtasks.errors import ConfigurationError, QTasksError
 
 log = logging.getLogger("qtasks.cli")
 
@@ -80,7 +83,75 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--url", default=None, help="broker URL (default: memory://)")
     demo.add_argument("-n", type=int, default=5)
     demo.add_argument("--delay", type=float, default=0.2)
+
+    remote = argparse.ArgumentParser(add_help=False, parents=[common])
+    remote.add_argument("--broker", default=os.environ.get("QTASKS_BROKER_URL"),
+                        help="broker URL (default: $QTASKS_BROKER_URL)")
+    remote.add_argument("--results", default=os.environ.get("QTASKS_RESULTS_URL"),
+                        help="result store URL (default: $QTASKS_RESULTS_URL, else the broker)")
+    remote.add_argument("--connect-timeout", type=float, default=10.0)
+    remote.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    send = commands.add_parser("send", parents=[remote], help="enqueue a task by name")
+    send.add_argument("task")
+    send.add_argument("--args", type=_json_list, default=[], help="JSON array of arguments")
+    send.add_argument("--kwargs", type=_json_object, default={}, help="JSON object")
+    send.add_argument("--queue")
+    send.add_argument("--priority", type=int)
+    send.add_argument("--delay", type=float)
+    send.add_argument("--wait", action="store_true", help="wait for the final result")
+    send.add_argument("--stream", action="store_true", help="print partials as they arrive")
+    send.add_argument("--timeout", type=float, default=None)
+
+    listen = commands.add_parser("listen", parents=[remote],
+                                 help="print live events of a task name ('*': all)")
+    listen.add_argument("task")
+    listen.add_argument("--limit", type=int, default=None, help="stop after N events")
+
+    status = commands.add_parser("status", parents=[remote], help="one task's state")
+    status.add_argument("id")
+
+    inspect_ = commands.add_parser("inspect", parents=[remote], help="queue depths")
+    inspect_.add_argument("--queues", default="default", help="comma-separated")
+
+    dead = commands.add_parser("dead", parents=[remote], help="dead letters")
+    dead.add_argument("action", choices=["list", "requeue", "purge"])
+    dead.add_argument("refs", nargs="*", help="requeue only these (default: all)")
+    dead.add_argument("--limit", type=int, default=100)
     return parser
+
+
+def _json_list(text: str) -> list[object]:
+    value = orjson.loads(text)
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError("expected a JSON array, e.g. '[1, 2]'")
+    return value
+
+
+def _json_object(text: str) -> dict[str, object]:
+    value = orjson.loads(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('expected a JSON object, e.g. \'{"a": 1}\'')
+    return value
+
+
+async def run_operator(args: argparse.Namespace) -> int:
+    from qtasks.operator import Operator
+
+    if not args.broker:
+        raise ConfigurationError("no broker: pass --broker URL or set QTASKS_BROKER_URL")
+    async with Operator(args.broker, args.results, args.connect_timeout) as op:
+        if args.command == "send":
+            return await op.send(args.task, args.args, args.kwargs, queue=args.queue,
+                                 priority=args.priority, delay=args.delay, wait=args.wait,
+                                 stream=args.stream, timeout=args.timeout, as_json=args.json)
+        if args.command == "listen":
+            return await op.listen(args.task, args.json, args.limit)
+        if args.command == "status":
+            return await op.status(args.id, args.json)
+        if args.command == "inspect":
+            return await op.inspect(args.queues.split(","), args.json)
+        return await op.dead(args.action, args.refs, args.limit, args.json)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,11 +163,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             app = load_app(args.app)
             queues = [q.strip() for q in args.queues.split(",")] if args.queues else None
             asyncio.run(run_worker(app, queues, args.concurrency, args.grace))
-        elif args.command == "demo":
+            return 0
+        if args.command == "demo":
             from qtasks.demo import run_demo
 
             asyncio.run(run_demo(args.url, args.n, args.delay))
-    except ConfigurationError as exc:
+            return 0
+        return asyncio.run(run_operator(args))
+    except (QTasksError, NotImplementedError) as exc:
         print(f"qtasks: {exc}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:
+        return 130

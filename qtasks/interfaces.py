@@ -14,9 +14,31 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 from qtasks.protocol import ResultEvent, TaskMessage
+
+
+@dataclass(slots=True)
+class QueueStats:
+    """One task queue as an operator sees it (``qtasks inspect``)."""
+
+    queue: str
+    ready: int
+    in_flight: int | None = None
+    consumers: int | None = None
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """A message that was taken out of circulation, with why (``qtasks dead list``)."""
+
+    ref: str  # the backend's handle for it, for requeue
+    queue: str
+    body: bytes
+    reason: str
+    at: float | None = None
 
 
 class Delivery(abc.ABC):
@@ -105,6 +127,24 @@ class Broker(abc.ABC):
 
     async def declare(self, queues: Sequence[str]) -> None:  # noqa: B027 - optional
         """Create ``queues`` (and what they need) ahead of the first publish/consume."""
+
+    # -- operations: optional, for the operator CLI ------------------------------------
+
+    async def inspect(self, queues: Sequence[str]) -> list[QueueStats]:
+        """Depth, in-flight count and consumers of each queue, as far as the broker tells."""
+        raise NotImplementedError(f"{type(self).__name__} cannot inspect queues")
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The oldest ``limit`` dead letters, left in place."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list dead letters")
+
+    async def requeue_dead(self, refs: Sequence[str] | None = None) -> int:
+        """Put dead letters (all, or those with ``refs``) back on their queue; how many."""
+        raise NotImplementedError(f"{type(self).__name__} cannot requeue dead letters")
+
+    async def purge_dead(self) -> int:
+        """Delete every dead letter; how many were deleted."""
+        raise NotImplementedError(f"{type(self).__name__} cannot purge dead letters")
 
 
 class ResultStore(abc.ABC):
