@@ -16,6 +16,7 @@ from qtasks.executors import BaseTaskExecutor
 from qtasks.interfaces import Broker, ResultStore
 from qtasks.protocol import DEFAULT_MAX_MESSAGE_SIZE, ResultEvent, TaskMessage, encode, uuid7
 from qtasks.registry import broker_from_url, redact, results_from_url
+from qtasks.signing import Signer
 from qtasks.task import RetryPolicy, Task, TaskExecSchema, TaskFunction, TaskStatus
 
 if TYPE_CHECKING:
@@ -33,7 +34,9 @@ class QueueTasks:
     decides (``QTASKS_BROKER_URL``, ``QTASKS_RESULTS_URL``), then ``memory://``: one
     process, nothing to install, and an embedded worker started on first use
     (``embedded_worker=False`` when the test or program runs its own ``Worker``). When only
-    the broker is given, results travel over the same kind of server.
+    the broker is given, results travel over the same kind of server. With a
+    ``signing_key`` (or ``QTASKS_SIGNING_KEY``) every task this app sends is signed and its
+    workers refuse, dead-letter and log any task that is unsigned or forged.
     """
 
     def __init__(
@@ -46,6 +49,7 @@ class QueueTasks:
         default_queue: str = DEFAULT_QUEUE,
         concurrency: int = 100,
         embedded_worker: bool | None = None,
+        signing_key: str | bytes | None = None,
     ) -> None:
         broker = broker or os.environ.get("QTASKS_BROKER_URL") or "memory://"
         results = results or os.environ.get("QTASKS_RESULTS_URL") \
@@ -59,6 +63,8 @@ class QueueTasks:
         self.default_queue = default_queue
         self.concurrency = concurrency
         self.embedded_worker = self.broker.embedded if embedded_worker is None else embedded_worker
+        signing_key = signing_key or os.environ.get("QTASKS_SIGNING_KEY")
+        self.signer = Signer(signing_key) if signing_key else None
         self.registry: dict[str, TaskExecSchema] = {}
         self._started = False
         self._start_lock: asyncio.Lock | None = None
@@ -221,18 +227,24 @@ class QueueTasks:
         reply_to = self.results_store.reply_address
         if reply_to:
             message.headers["reply_to"] = reply_to
-        limit = self.max_message_size
-        if self.broker.max_message_size is not None:
-            limit = min(limit, self.broker.max_message_size)
-        body = encode(message, max_size=limit)
         await self._ensure_embedded_worker()
         await self.results_store.expect(message.id)
-        await self.broker.publish(message, body)
+        await self.publish(message)
         task = Task(id=message.id, name=task_name, status=TaskStatus.NEW, created_at=now,
                     app=self)
         if timeout is not None:
             await task.wait(timeout)
         return task
+
+    async def publish(self, message: TaskMessage) -> None:
+        """Encode (within the size limit), sign if a key is set, and publish a task message."""
+        limit = self.max_message_size
+        if self.broker.max_message_size is not None:
+            limit = min(limit, self.broker.max_message_size)
+        body = encode(message, max_size=limit)
+        if self.signer is not None:
+            body = self.signer.sign(body)
+        await self.broker.publish(message, body)
 
     # -- reading results -------------------------------------------------------------
 

@@ -163,6 +163,10 @@ class Worker:
 
     async def _process(self, delivery: Delivery) -> None:
         app = self.app
+        if app.signer is not None and (refused := app.signer.verify(delivery.body)):
+            log.error("dead-lettering a task message: %s", refused)
+            await delivery.dead_letter(refused)
+            return
         try:
             message = decode_task(delivery.body)
         except MessageDecodeError as exc:
@@ -255,5 +259,5 @@ class Worker:
         # The status goes first: the next attempt's "running" must not overtake it.
         await self._publish(replace(base, attempt=again.attempt, status=TaskStatus.NEW.value,
                                     error=error_info(exc), ts=time.time()), reply_to)
-        await self.app.broker.publish(again, encode(again))
+        await self.app.publish(again)
         await delivery.ack()

@@ -91,6 +91,11 @@ def register_contract_tasks(app: QueueTasks) -> None:
         await gate(token).wait()  # released once the test's stream() has seen "first"
         yield "second"
 
+    @app.task(name="record")
+    async def record(token: str) -> int:
+        CALLS[token] = CALLS.get(token, 0) + 1
+        return CALLS[token]
+
     @app.task(name="held")
     async def held(token: str, value: Any = None) -> Any:
         gate(f"{token}:started").set()
@@ -520,6 +525,30 @@ class BackendContract:
                 while worker.processed < 3:  # noqa: ASYNC110
                     await asyncio.sleep(0.01)  # counting settled deliveries, bounded
         assert await producer.get(unknown.id) is None
+
+    async def test_forged_or_unsigned_tasks_never_run(self, backend: Backend) -> None:
+        producer, worker_app = backend.app(signing_key="k1"), backend.app(signing_key="k1")
+        forger, unsigned = backend.app(signing_key="not the key"), backend.app()
+        token = uuid7()
+        async with running_worker(worker_app) as worker:
+            forged = await forger.add_task("record", token)
+            plain = await unsigned.add_task("record", token)
+            # A signed body whose arguments were changed in transit.
+            message, body = task_message("default", name="record")
+            assert producer.signer is not None
+            signed = producer.signer.sign(body)
+            tampered = signed.replace(b"[1,2]", b"[1,3]")
+            assert tampered != signed
+            await producer.broker.publish(message, tampered)
+            genuine = await producer.add_task("record", token, timeout=DEADLINE)
+            async with asyncio.timeout(DEADLINE):
+                while worker.processed < 4:  # noqa: ASYNC110 - settled deliveries, bounded
+                    await asyncio.sleep(0.01)
+        assert genuine.returning == 1
+        assert CALLS[token] == 1
+        assert await producer.get(forged.id) is None
+        assert await producer.get(plain.id) is None
+        assert await producer.get(message.id) is None
 
     async def test_priority_is_honoured_or_refused(self, backend: Backend) -> None:
         producer = backend.app()
