@@ -4,9 +4,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python3}"
+log=$(mktemp)
+quiet() { "$@" >"$log" 2>&1 || { cat "$log"; return 1; }; }
+
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[dev]'
+quiet .venv/bin/python -m pip install --upgrade pip
+quiet .venv/bin/python -m pip install -e '.[dev]'
+
+# The compose files are validated by a test; in CI make sure a compose client exists.
+if [ -n "${CI:-}" ] && ! command -v docker-compose >/dev/null \
+    && ! docker compose version >/dev/null 2>&1 && command -v apt-get >/dev/null \
+    && [ "$(id -u)" = 0 ]; then
+  quiet apt-get install -y -q docker-compose \
+    || { quiet apt-get update -q && quiet apt-get install -y -q docker-compose; } || true
+fi
+
 bash scripts/brokers.sh
 .venv/bin/ruff check .
 .venv/bin/mypy
