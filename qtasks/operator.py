@@ -108,8 +108,9 @@ class Operator:
 
     async def listen(self, task_name: str, as_json: bool, limit: int | None) -> int:
         events = await self.app.subscribe(task_name)
-        if not as_json:
-            self.say(f"listening to {task_name} (Ctrl-C to stop)")
+        # On stderr, so that --json output stays pure and a caller can tell when the
+        # subscription is active.
+        print(f"listening to {task_name} (Ctrl-C to stop)", file=sys.stderr, flush=True)
         seen = 0
         async for event in events:
             self.say(_json(event.to_dict()) if as_json else describe_event(event))
