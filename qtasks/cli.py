@@ -10,7 +10,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 import orjson
 
@@ -18,6 +19,7 @@ from qtasks.app import QueueTasks
 from qtasks.errors import ConfigurationError, QTasksError
 
 log = logging.getLogger("qtasks.cli")
+T = TypeVar("T")
 
 
 def load_app(spec: str) -> QueueTasks:
@@ -154,6 +156,21 @@ async def run_operator(args: argparse.Namespace) -> int:
         return await op.dead(args.action, args.refs, args.limit, args.json)
 
 
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` on uvloop when it is installed (the ``uvloop`` extra) and not
+    disabled with ``QTASKS_UVLOOP=0``: a faster loop for the same code."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if os.environ.get("QTASKS_UVLOOP", "1") != "0":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
@@ -162,14 +179,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "worker":
             app = load_app(args.app)
             queues = [q.strip() for q in args.queues.split(",")] if args.queues else None
-            asyncio.run(run_worker(app, queues, args.concurrency, args.grace))
+            run(run_worker(app, queues, args.concurrency, args.grace))
             return 0
         if args.command == "demo":
             from qtasks.demo import run_demo
 
-            asyncio.run(run_demo(args.url, args.n, args.delay))
+            run(run_demo(args.url, args.n, args.delay))
             return 0
-        return asyncio.run(run_operator(args))
+        return run(run_operator(args))
     except (QTasksError, NotImplementedError) as exc:
         print(f"qtasks: {exc}", file=sys.stderr)
         return 2
