@@ -343,7 +343,7 @@ class BackendContract:
         async with running_worker(worker_app):
             a = await producer.add_task("add", 1, 1, timeout=DEADLINE)
             b = await producer.add_task("sync_add", 1, 1, timeout=DEADLINE)
-            finals = set()
+            finals: set[str] = set()
             while len(finals) < 2:
                 event = await events.next()
                 if event.kind == "final":
@@ -529,6 +529,7 @@ class BackendContract:
     async def test_forged_or_unsigned_tasks_never_run(self, backend: Backend) -> None:
         producer, worker_app = backend.app(signing_key="k1"), backend.app(signing_key="k1")
         forger, unsigned = backend.app(signing_key="not the key"), backend.app()
+        await producer.start()
         token = uuid7()
         async with running_worker(worker_app) as worker:
             forged = await forger.add_task("record", token)

@@ -1,0 +1,320 @@
+"""What the NATS broker and the NATS result store share: URL and option parsing, one
+connection with reconnect bookkeeping, name encoding and retrying of JetStream calls.
+
+Private to ``brokers.nats`` and ``results.nats``. Names and options are documented in
+``docs/nats.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import re
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.api import StreamConfig
+
+from qtasks.errors import BrokerUnavailableError, ConfigurationError
+
+log = logging.getLogger("qtasks.nats")
+
+T = TypeVar("T")
+
+#: Every option a NATS backend accepts (URL query or keyword). The broker and the result
+#: store accept them all, because one URL usually configures both, and each reads its own:
+#: connection options, then broker (ack_wait ... dead_letter_ttl), then result store.
+OPTIONS = frozenset({
+    "prefix", "name", "replicas", "connect_timeout", "publish_timeout", "user", "password",
+    "token", "creds", "nkeys_seed", "tls_ca", "tls_cert", "tls_key", "tls_hostname",
+    "connect_options",
+    "ack_wait", "max_deliver", "max_ack_pending", "fetch_timeout", "dead_letter_ttl",
+    "ttl", "expect_timeout", "max_expected",
+})
+_SECRET_OPTIONS = ("password", "token")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
+_SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+def token(name: str) -> str:
+    """``name`` as one subject token, valid in consumer names and KV keys too.
+
+    Letters, digits, ``_`` and ``-`` stay; every other byte of the UTF-8 form becomes
+    ``=XX`` (upper-case hex), so ``a.b`` is ``a=2Eb``: injective, and a task name with dots
+    or spaces cannot add subject levels or wildcards. ``""`` becomes ``=``.
+    """
+    return name if _TOKEN_RE.match(name) else _escape(name)
+
+
+@functools.lru_cache(maxsize=1024)  # task and queue names recur; ids take the fast path
+def _escape(name: str) -> str:
+    if not name:
+        return "="
+    return "".join(chr(b) if b in _SAFE else f"={b:02X}" for b in name.encode())
+
+
+def redact(url: str) -> str:
+    """Every URL of a (comma-separated) server list with its secrets replaced: passwords,
+    bare tokens (``nats://TOKEN@host``) and ``password``/``token`` query values."""
+    out = []
+    for part in url.split(","):
+        parts = urlsplit(part.strip())
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, host = netloc.rpartition("@")
+            user, sep, _ = userinfo.partition(":")
+            netloc = f"{user}:***@{host}" if sep else f"***@{host}"
+        query = "&".join(
+            f"{k}=***" if k in _SECRET_OPTIONS else f"{k}={v}"
+            for k, v in parse_qsl(parts.query, keep_blank_values=True))
+        out.append(urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment)))
+    return ",".join(out)
+
+
+def parse_url(url: str, options: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """Split ``nats://a:4222,nats://b:4222?prefix=x`` (or ``nats://a:4222,b:4222``) into
+    server URLs and options. Keyword options win over the query; unknown names are refused
+    so that a typo does not silently fall back to a default."""
+    parts = [p.strip() for p in url.split(",") if p.strip()]
+    if not parts:
+        raise ConfigurationError("empty NATS URL")
+    scheme = urlsplit(parts[0]).scheme or "nats"
+    servers: list[str] = []
+    merged: dict[str, Any] = {}
+    for part in parts:
+        split = urlsplit(part if "://" in part else f"{scheme}://{part}")
+        merged.update(parse_qsl(split.query))
+        servers.append(urlunsplit((split.scheme, split.netloc, "", "", "")))
+    merged.update(options)
+    unknown = set(merged) - OPTIONS
+    if unknown:
+        raise ConfigurationError(
+            f"unknown NATS option(s) {', '.join(sorted(unknown))} in {redact(url)!r}; "
+            f"known: {', '.join(sorted(OPTIONS))}")
+    prefix = str(merged.get("prefix", "qtasks"))
+    if not _NAME_RE.match(prefix):
+        raise ConfigurationError(f"NATS prefix {prefix!r} must match [A-Za-z0-9_-]+")
+    merged["prefix"] = prefix
+    return servers, merged
+
+
+def number(options: dict[str, Any], key: str, default: float) -> float:
+    value = options.get(key, default)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"NATS option {key}={value!r} is not a number") from None
+
+
+def _connect_kwargs(options: dict[str, Any]) -> dict[str, Any]:
+    """The options that go to ``nats.connect``: credentials, NKeys, JWT creds, TLS."""
+    kwargs: dict[str, Any] = {}
+    for ours, theirs in (("user", "user"), ("password", "password"), ("token", "token"),
+                         ("creds", "user_credentials"), ("nkeys_seed", "nkeys_seed"),
+                         ("tls_hostname", "tls_hostname")):
+        if options.get(ours):
+            kwargs[theirs] = options[ours]
+    if options.get("tls_ca") or options.get("tls_cert"):
+        context = ssl.create_default_context(cafile=options.get("tls_ca"))
+        if options.get("tls_cert"):
+            context.load_cert_chain(options["tls_cert"], options.get("tls_key"))
+        kwargs["tls"] = context
+    kwargs.update(options.get("connect_options") or {})
+    return kwargs
+
+
+TRANSIENT: tuple[type[BaseException], ...] = (
+    asyncio.TimeoutError,  # includes nats.errors.TimeoutError and FlushTimeoutError
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+    ConnectionError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for what a server restart or a leader election causes and a retry cures."""
+    if isinstance(exc, nats.js.errors.APIError) and getattr(exc, "code", None) in (503, 500):
+        return True
+    return isinstance(exc, TRANSIENT)
+
+
+class Connection:
+    """One NATS connection that reconnects forever and counts its reconnects.
+
+    ``epoch`` grows on every disconnect and reconnect, so a component can tell whether
+    something it sent with no confirmation (a core publish, a subscription) may have been
+    lost in between. ``reconnect_listeners`` run after each reconnect.
+    """
+
+    def __init__(self, url: str, servers: list[str], options: dict[str, Any], role: str) -> None:
+        self.url = url
+        self.servers = servers
+        self.options = options
+        self.role = role
+        self.nc = Client()
+        self.epoch = 0
+        self.reconnect_listeners: list[Callable[[], None]] = []
+        self.slow_consumer_listeners: list[Callable[[Subscription], None]] = []
+        self._slow_reported: set[int] = set()
+        self.connect_timeout = number(options, "connect_timeout", 30.0)
+        self.publish_timeout = number(options, "publish_timeout", 30.0)
+        self._js: JetStreamContext | None = None
+        self._closing = False
+        self.last_error: Exception | None = None
+        self._barrier: asyncio.Task[None] | None = None
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise RuntimeError("NATS backend used before start()")
+        return self._js
+
+    @property
+    def max_payload(self) -> int:
+        return int(self.nc.max_payload)
+
+    async def open(self) -> None:
+        """Connect, retrying for ``connect_timeout`` seconds, then reconnect forever."""
+        deadline = time.monotonic() + self.connect_timeout
+        delay = 0.1
+        while True:
+            nc = Client()
+            self.last_error = None
+            try:
+                await asyncio.wait_for(nc.connect(
+                    servers=self.servers, name=self.options.get("name") or f"qtasks-{self.role}",
+                    allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=1,
+                    connect_timeout=2, error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnect, reconnected_cb=self._on_reconnect,
+                    closed_cb=self._on_closed, **_connect_kwargs(self.options),
+                ), timeout=max(0.5, min(5.0, deadline - time.monotonic())))
+                break
+            except Exception as exc:
+                await _close_quietly(nc)
+                cause = self.last_error or exc  # nats-py retries inside connect: say why
+                if time.monotonic() + delay > deadline:
+                    raise BrokerUnavailableError(
+                        f"cannot connect to NATS at {redact(self.url)} within "
+                        f"{self.connect_timeout:g} s: {type(cause).__name__}: {cause}") from None
+                log.warning("NATS at %s not reachable (%s: %s); retrying", redact(self.url),
+                            type(cause).__name__, cause)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        self.nc = nc
+        self._js = nc.jetstream(timeout=5.0)
+
+    async def barrier(self, timeout: float = 5.0) -> None:
+        """Return once the server has processed everything sent on this connection so far
+        (a PING/PONG). Concurrent callers share one PING: each joins the next PING not yet
+        sent, which therefore follows what they sent."""
+        if self._barrier is None:
+            self._barrier = asyncio.get_running_loop().create_task(self._ping(timeout))
+        await asyncio.shield(self._barrier)
+
+    async def _ping(self, timeout: float) -> None:
+        await asyncio.sleep(0)  # let the other callers of this loop turn join
+        self._barrier = None  # from here on, a caller needs the next PING
+        await self.nc.flush(timeout=timeout)  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        """Flush what is buffered, then close."""
+        if self.nc.is_closed:
+            return
+        self._closing = True
+        try:
+            if self.nc.is_connected:
+                await self.nc.flush(timeout=5)
+        except Exception as exc:
+            log.warning("NATS %s: flush before close failed: %s", self.role, exc)
+        await _close_quietly(self.nc)
+
+    async def retry(self, what: str, call: Callable[[], Awaitable[T]],
+                    timeout: float | None = None) -> T:
+        """Run a JetStream call, retrying transient failures (server restart, leader
+        election) with backoff for ``timeout`` seconds (default ``publish_timeout``)."""
+        deadline = time.monotonic() + (self.publish_timeout if timeout is None else timeout)
+        delay = 0.05
+        while True:
+            try:
+                return await call()
+            except Exception as exc:
+                if self.nc.is_closed or not is_transient(exc) or time.monotonic() > deadline:
+                    raise
+                log.info("NATS %s: %s failed (%s: %s); retrying", self.role, what,
+                         type(exc).__name__, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def ensure_stream(self, config: StreamConfig) -> None:
+        """Create the stream, or bring an existing one to ``config`` (another process may
+        have made it first, or an older version with other limits)."""
+        js = self.js
+        try:
+            try:
+                await self.retry(f"create stream {config.name}", lambda: js.add_stream(config),
+                                 timeout=self.connect_timeout)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != 10058:  # stream name already in use with another config
+                    raise
+                await self.retry(f"update stream {config.name}",
+                                 lambda: js.update_stream(config), timeout=self.connect_timeout)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            raise BrokerUnavailableError(
+                f"cannot create stream {config.name} on {redact(self.url)} within "
+                f"{self.connect_timeout:g} s: {type(exc).__name__}: {exc} (is JetStream "
+                "enabled? nats-server -js)") from None
+
+    async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            if exc.sid not in self._slow_reported:  # once per subscription, not per message
+                self._slow_reported.add(exc.sid)
+                log.warning("NATS %s: slow consumer on %s: messages dropped", self.role,
+                            exc.subject)
+            for listener in list(self.slow_consumer_listeners):
+                listener(exc.sub)
+            return
+        self.last_error = exc
+        # While reconnecting, each failed attempt reports here: routine, not a warning.
+        level = logging.WARNING if self.nc.is_connected else logging.INFO
+        log.log(level, "NATS %s error (%s): %s: %s", self.role, redact(self.url),
+                type(exc).__name__, exc)
+
+    async def _on_disconnect(self) -> None:
+        self.epoch += 1
+        if self._closing:
+            return
+        log.warning("NATS %s disconnected from %s; reconnecting", self.role, redact(self.url))
+
+    async def _on_reconnect(self) -> None:
+        self.epoch += 1
+        log.warning("NATS %s reconnected to %s", self.role, redact(self.url))
+        for listener in list(self.reconnect_listeners):
+            listener()
+
+    async def _on_closed(self) -> None:
+        log.debug("NATS %s connection closed", self.role)
+
+
+async def _close_quietly(nc: Client) -> None:
+    try:
+        if not nc.is_closed:
+            await nc.close()
+    except Exception as exc:  # closing a half-open client: nothing left to save
+        log.debug("closing NATS client: %s", exc)
+

@@ -1,0 +1,393 @@
+"""NATS JetStream result store (nats-py): results out through a stream and a KV bucket.
+
+Layout (all names derive from ``prefix``, see ``docs/nats.md``):
+
+- stream ``{prefix}_RESULTS`` captures ``{prefix}.results.>`` with ``max_age`` = ``ttl``;
+  every event of a task is published on ``{prefix}.results.<task>.<id>`` (both encoded
+  with ``brokers._nats.token``), so one task is one subject and one task name is one
+  wildcard;
+- KV bucket ``{prefix}_status`` (stream ``KV_{prefix}_status``) keeps, under the encoded
+  task id, the task's newest ``status`` or ``final`` event, for ``get``.
+
+Speed and durability: statuses and partials go out as core-NATS publishes into the
+stream's subject (the stream stores them; one connection keeps their order) without
+waiting for a PubAck each. Before the final, a flush proves the server has them all, and
+if the connection dropped since they were sent they are published again with a PubAck
+awaited (consumers de-duplicate by ``(attempt, seq)``). The final is published with its
+PubAck awaited, then put in the KV bucket, and only then does ``publish`` return: the
+worker acks the task after that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
+from nats.js.kv import KeyValue
+
+from brokers._nats import Connection, number, parse_url, token
+from qtasks.errors import MessageDecodeError, MessageTooLargeError
+from qtasks.interfaces import ResultStore
+from qtasks.protocol import ErrorInfo, ResultEvent, decode_result, encode, uuid7_time
+
+log = logging.getLogger("qtasks.nats.results")
+
+#: Bytes of ``max_payload`` kept for headers (the server drops the connection of a client
+#: that sends more than ``max_payload``).
+HEADER_RESERVE = 512
+#: Unconfirmed events of one task kept for a republish; past this a checkpoint flushes.
+CHECKPOINT = 512
+#: How far before a UUIDv7's time a replay starts reading, for clock skew between hosts.
+CLOCK_SKEW = 300.0
+
+
+@dataclass
+class _Unconfirmed:
+    """Events of one running task sent without a PubAck, kept until proven stored."""
+
+    epoch: int
+    sent: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+class _Inbox:
+    """Messages of one subscription, appended by its callback and read in order.
+
+    A callback subscription costs one task per subscription; ``Subscription.next_msg``
+    costs one per message. ``broken`` (a reconnect, a slow consumer, an overflow) means
+    messages may be missing: the reader stops and reads from the stream instead.
+    """
+
+    def __init__(self, limit: int = 65_536, drop_oldest: bool = False) -> None:
+        self.items: deque[Msg] = deque()
+        self.changed = asyncio.Event()
+        self.broken = False
+        self.limit = limit
+        self.drop_oldest = drop_oldest
+        self.dropped = 0
+        self.sub: Subscription | None = None
+
+    async def put(self, msg: Msg) -> None:
+        if len(self.items) >= self.limit:
+            if not self.drop_oldest:
+                self.break_()
+                return
+            self.items.popleft()
+            self.dropped += 1
+            if self.dropped == 1:
+                log.warning("a listener fell %d events behind: dropping its oldest events "
+                            "(a live subscription, like any core-NATS subscriber)", self.limit)
+        self.items.append(msg)
+        self.changed.set()
+
+    def break_(self) -> None:
+        self.broken = True
+        self.items.clear()
+        self.changed.set()
+
+    async def events(self) -> AsyncIterator[ResultEvent]:
+        """Decoded events until broken (or forever)."""
+        while True:
+            while not self.items:
+                if self.broken:
+                    return
+                self.changed.clear()
+                await self.changed.wait()
+            msg = self.items.popleft()
+            try:
+                yield decode_result(msg.data)
+            except MessageDecodeError as exc:
+                log.warning("skipping an undecodable result on %s: %s", msg.subject, exc)
+
+    async def close(self) -> None:
+        if self.sub is not None:
+            with contextlib.suppress(Exception):
+                await self.sub.unsubscribe()
+
+
+@dataclass
+class _Expectation:
+    """A core subscription to one task's subject, opened before the task was published."""
+
+    inbox: _Inbox
+    epoch: int
+    created: float
+
+
+class NatsResultStore(ResultStore):
+    """Results through JetStream; see the module docstring and ``docs/nats.md``."""
+
+    def __init__(self, url: str = "nats://127.0.0.1:4222", ttl: float | None = None,
+                 **options: Any) -> None:
+        self.url = url
+        if ttl is not None:
+            options["ttl"] = ttl
+        servers, self.options = parse_url(url, options)
+        self.prefix: str = self.options["prefix"]
+        self.ttl = number(self.options, "ttl", 24 * 3600.0)
+        self.expect_timeout = number(self.options, "expect_timeout", 300.0)
+        self.max_expected = int(number(self.options, "max_expected", 10_000))
+        self.replicas = int(number(self.options, "replicas", 1))
+        self.conn = Connection(url, servers, self.options, "results")
+        self.conn.reconnect_listeners.append(self._on_reconnect)
+        self.conn.slow_consumer_listeners.append(self._on_slow_consumer)
+        self.stream = f"{self.prefix}_RESULTS"
+        self.bucket = f"{self.prefix}_status"
+        self._kv: KeyValue | None = None
+        self._expected: OrderedDict[str, _Expectation] = OrderedDict()
+        self._unconfirmed: dict[str, _Unconfirmed] = {}
+        self._started = False
+        self._start_lock = asyncio.Lock()
+
+    # -- names ---------------------------------------------------------------------
+
+    def subject(self, task_name: str, task_id: str) -> str:
+        return f"{self.prefix}.results.{token(task_name)}.{token(task_id)}"
+
+    def key_subject(self, task_id: str) -> str:
+        return f"$KV.{self.bucket}.{token(task_id)}"
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        async with self._start_lock:
+            if self._started:
+                return
+            try:
+                await self._start()
+            except BaseException:
+                await self.conn.close()  # no client left reconnecting in the background
+                raise
+
+    async def _start(self) -> None:
+        await self.conn.open()
+        window = min(120.0, self.ttl)
+        await self.conn.ensure_stream(StreamConfig(
+            name=self.stream, subjects=[f"{self.prefix}.results.>"], max_age=self.ttl,
+            storage=StorageType.FILE, num_replicas=self.replicas, duplicate_window=window,
+            description="QTasks result events, one subject per task"))
+        await self.conn.ensure_stream(StreamConfig(  # what js.create_key_value would make
+            name=f"KV_{self.bucket}", subjects=[f"$KV.{self.bucket}.>"], max_age=self.ttl,
+            max_msgs_per_subject=1, discard=DiscardPolicy.NEW, allow_rollup_hdrs=True,
+            deny_delete=True, allow_direct=True, storage=StorageType.FILE,
+            num_replicas=self.replicas, duplicate_window=window,
+            description="QTasks latest status of each task"))
+        self._kv = await self.conn.retry("open KV bucket",
+                                         lambda: self.conn.js.key_value(self.bucket))
+        self._started = True
+
+    async def close(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        for task_id in list(self._expected):
+            await self._forget(task_id)
+        await self.conn.close()
+
+    def _on_reconnect(self) -> None:
+        """Core subscriptions miss what was published while we were away."""
+        for expectation in self._expected.values():
+            expectation.inbox.break_()
+
+    def _on_slow_consumer(self, sub: Subscription) -> None:
+        for expectation in self._expected.values():
+            if expectation.inbox.sub is sub:
+                expectation.inbox.break_()
+
+    # -- publishing ----------------------------------------------------------------
+
+    async def publish(self, event: ResultEvent, body: bytes, reply_to: str | None = None) -> None:
+        body = self._fit(event, body)
+        subject = self.subject(event.task, event.id)
+        if event.kind != "final":
+            unconfirmed = self._unconfirmed.get(event.id)
+            if unconfirmed is None:
+                unconfirmed = self._unconfirmed[event.id] = _Unconfirmed(self.conn.epoch)
+            unconfirmed.sent.append((subject, body))
+            await self._send(subject, body)
+            if event.kind == "status":
+                await self._send(self.key_subject(event.id), body)
+            if event.kind == "status" and event.status != "running":
+                await self._confirm(self._unconfirmed.pop(event.id))  # this run is over
+            elif len(unconfirmed.sent) >= CHECKPOINT:
+                await self._confirm(unconfirmed)
+            return
+        unconfirmed = self._unconfirmed.pop(event.id, None)
+        if unconfirmed is not None:
+            await self._confirm(unconfirmed)
+        js = self.conn.js
+        headers = {"Nats-Msg-Id": f"{event.id}:{event.attempt}:final"}
+        await self.conn.retry(f"publish the final of {event.id}", lambda: js.publish(
+            subject, body, stream=self.stream, headers=dict(headers)))
+        await self.conn.retry(f"store the final of {event.id}", lambda: js.publish(
+            self.key_subject(event.id), body))
+
+    async def _send(self, subject: str, body: bytes) -> None:
+        """Core publish; while the client cannot buffer it (a long outage), wait for a
+        PubAck instead, which retries through the reconnect."""
+        try:
+            await self.conn.nc.publish(subject, body)
+        except (nats.errors.OutboundBufferLimitError, nats.errors.ConnectionReconnectingError):
+            js = self.conn.js
+            await self.conn.retry(f"publish on {subject}", lambda: js.publish(subject, body))
+
+    async def _confirm(self, unconfirmed: _Unconfirmed) -> None:
+        """Make sure every event sent without a PubAck is stored: a flush proves the
+        server received them, unless the connection dropped since; then they are
+        published again, each with its PubAck awaited."""
+        conn = self.conn
+        if unconfirmed.epoch == conn.epoch:
+            with contextlib.suppress(Exception):
+                await conn.barrier()
+                if unconfirmed.epoch == conn.epoch:
+                    unconfirmed.sent.clear()
+                    return
+        log.warning("connection to NATS dropped while results were in flight: "
+                    "publishing %d events again", len(unconfirmed.sent))
+        js = conn.js
+        for subject, body in unconfirmed.sent:
+            await conn.retry(f"publish on {subject}",
+                             lambda s=subject, b=body: js.publish(s, b))  # type: ignore[misc]
+        unconfirmed.sent.clear()
+        unconfirmed.epoch = conn.epoch
+
+    def _fit(self, event: ResultEvent, body: bytes) -> bytes:
+        """Keep an event within the server's ``max_payload``: a final or status too large
+        becomes an error saying so (so the task still ends and is acked); a partial too
+        large is refused, which fails the task with that error."""
+        limit = self.conn.max_payload - HEADER_RESERVE
+        if len(body) <= limit:
+            return body
+        problem = (f"{event.kind} result of task {event.task!r} id {event.id} is "
+                   f"{len(body)} bytes, over the NATS server's max_payload of "
+                   f"{self.conn.max_payload} bytes")
+        if event.kind == "partial":
+            raise MessageTooLargeError(problem)
+        log.error("%s: stored as an error instead", problem)
+        error = ErrorInfo("MessageTooLargeError", problem)
+        if event.kind == "final":
+            return encode(replace(event, status="error", returning=None, error=error))
+        return encode(replace(event, error=error))
+
+    # -- reading -------------------------------------------------------------------
+
+    async def get(self, task_id: str) -> ResultEvent | None:
+        """The bucket's entry; if that is not a final, the last event on the task's
+        subject too, because the final reaches the stream (and so every watcher) one
+        round trip before the bucket: a reader told by ``wait()`` that a task is done
+        must find it done."""
+        kv = self._kv
+        if kv is None:
+            raise RuntimeError("NatsResultStore used before start()")
+        try:
+            entry = await self.conn.retry(f"get {task_id}", lambda: kv.get(token(task_id)))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if not entry.value:
+            return None
+        event = decode_result(entry.value)
+        if event.is_final:
+            return event
+        js, subject = self.conn.js, self.subject(event.task, event.id)
+        try:
+            last = await self.conn.retry(f"get {task_id}",
+                                         lambda: js.get_msg(self.stream, subject=subject))
+            newer = decode_result(last.data or b"")
+        except (nats.js.errors.NotFoundError, MessageDecodeError):
+            return event
+        return newer if newer.is_final else event
+
+    async def expect(self, task_id: str) -> None:
+        """Subscribe to the task's subject before it is published, so that ``watch`` in
+        this process reads it live instead of replaying the stream. Bounded: an
+        expectation not watched within ``expect_timeout`` seconds, or beyond the
+        ``max_expected`` newest, is dropped (``watch`` then replays)."""
+        if task_id in self._expected:
+            return
+        now = time.monotonic()
+        while self._expected:
+            oldest = next(iter(self._expected.values()))
+            if len(self._expected) < self.max_expected and \
+                    now - oldest.created < self.expect_timeout:
+                break
+            await self._forget(next(iter(self._expected)))
+        inbox = _Inbox()
+        try:
+            inbox.sub = await self.conn.nc.subscribe(
+                f"{self.prefix}.results.*.{token(task_id)}", cb=inbox.put)
+            epoch = self.conn.epoch
+            await self.conn.barrier()  # the server has the subscription before the task
+        except Exception as exc:  # only a hint: watch() replays from the stream instead
+            log.debug("expect(%s) failed: %s", task_id, exc)
+            await inbox.close()
+            return
+        self._expected[task_id] = _Expectation(inbox, epoch, now)
+
+    async def _forget(self, task_id: str) -> None:
+        expectation = self._expected.pop(task_id, None)
+        if expectation is not None:
+            await expectation.inbox.close()
+
+    async def watch(self, task_id: str) -> AsyncIterator[ResultEvent]:
+        expectation = self._expected.pop(task_id, None)
+        if expectation is not None:
+            try:
+                if expectation.epoch == self.conn.epoch:
+                    async for event in expectation.inbox.events():
+                        yield event
+                        if event.is_final:
+                            return
+            finally:
+                await expectation.inbox.close()
+            log.debug("live results of %s interrupted; replaying them from the stream", task_id)
+        async for event in self._replay(task_id):
+            yield event
+            if event.is_final:
+                return
+
+    async def _replay(self, task_id: str) -> AsyncIterator[ResultEvent]:
+        """Every stored event of the task, then live ones: an ordered consumer (nats-py
+        recreates it after a gap or a missed heartbeat) filtered on the task's subject."""
+        created = uuid7_time(task_id)
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+        if created is not None:
+            config.deliver_policy = DeliverPolicy.BY_START_TIME
+            config.opt_start_time = datetime.datetime.fromtimestamp(
+                max(0.0, created - CLOCK_SKEW), tz=datetime.UTC)
+        js = self.conn.js
+        inbox = _Inbox(limit=1 << 62)  # flow control bounds what the server sends
+        inbox.sub = await self.conn.retry(f"replay {task_id}", lambda: js.subscribe(
+            f"{self.prefix}.results.*.{token(task_id)}", stream=self.stream, cb=inbox.put,
+            ordered_consumer=True, idle_heartbeat=2.0, config=config))
+        try:
+            async for event in inbox.events():
+                yield event
+        finally:
+            await inbox.close()
+
+    async def listen(self, task_name: str) -> AsyncIterator[ResultEvent]:
+        name = "*" if task_name == "*" else token(task_name)
+        inbox = _Inbox(drop_oldest=True)
+        inbox.sub = await self.conn.nc.subscribe(f"{self.prefix}.results.{name}.*",
+                                                 cb=inbox.put)
+        await self.conn.barrier()  # active on the server when we return
+        return _listening(inbox)
+
+
+async def _listening(inbox: _Inbox) -> AsyncIterator[ResultEvent]:
+    try:
+        async for event in inbox.events():
+            yield event
+    finally:
+        await inbox.close()
