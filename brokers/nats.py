@@ -41,10 +41,11 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
+from nats.js.errors import NotFoundError
 
 from brokers._nats import Connection, number, parse_url, token
 from qtasks.errors import ConfigurationError, MessageTooLargeError
-from qtasks.interfaces import Broker, Delivery
+from qtasks.interfaces import Broker, DeadLetter, Delivery, QueueStats
 from qtasks.protocol import TaskMessage
 
 log = logging.getLogger("qtasks.nats.broker")
@@ -526,3 +527,59 @@ class NatsBroker(Broker):
             f"dead-letter {meta.stream}:{meta.sequence.stream}",
             lambda: js.publish(f"{self.prefix}.dead.{token(queue)}", msg.data,
                                stream=self.dead_stream, headers=dict(headers)))
+
+    # -- operations (qtasks inspect / dead) ------------------------------------------
+
+    async def inspect(self, queues: Sequence[str]) -> list[QueueStats]:
+        """Ready and in-flight counts from each queue's shared consumer. JetStream does
+        not know how many workers share a pull consumer, so ``consumers`` stays unknown."""
+        await self.declare(queues)
+        stats = []
+        for queue in queues:
+            info = await self.conn.js.consumer_info(self.stream, self.consumer(queue))
+            stats.append(QueueStats(queue, int(info.num_pending or 0),
+                                    int(info.num_ack_pending or 0)))
+        return stats
+
+    async def _dead(self, limit: int) -> list[tuple[int, DeadLetter]]:
+        await self.start()
+        found: list[tuple[int, DeadLetter]] = []
+        seq = 1
+        while len(found) < limit:
+            try:
+                msg = await self.conn.js.get_msg(self.dead_stream, seq=seq, next=True,
+                                                 subject=f"{self.prefix}.dead.>")
+            except NotFoundError:
+                break
+            headers = msg.headers or {}
+            number_ = int(msg.seq or seq)
+            found.append((number_, DeadLetter(
+                ref=str(number_), queue=headers.get(DEAD_QUEUE, ""), body=msg.data or b"",
+                reason=headers.get(DEAD_REASON, ""), at=_float(headers.get(DEAD_AT)))))
+            seq = number_ + 1
+        return found
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        return [letter for _, letter in await self._dead(limit)]
+
+    async def requeue_dead(self, refs: Sequence[str] | None = None) -> int:
+        """Publish each chosen dead letter back to its queue (acknowledged), then delete
+        it from the dead-letter stream: a crash in between duplicates, never loses."""
+        wanted = None if refs is None else set(refs)
+        count = 0
+        for seq, letter in await self._dead(limit=1_000_000):
+            if wanted is not None and letter.ref not in wanted:
+                continue
+            subject = self.subject(letter.queue or "default")
+            headers = {MSG_ID: f"requeued:{self.dead_stream}:{seq}"}
+            await self.conn.js.publish(subject, letter.body, stream=self.stream,
+                                       headers=headers)
+            await self.conn.js.delete_msg(self.dead_stream, seq)
+            count += 1
+        return count
+
+    async def purge_dead(self) -> int:
+        await self.start()
+        info = await self.conn.js.stream_info(self.dead_stream)
+        await self.conn.js.purge_stream(self.dead_stream)
+        return int(info.state.messages or 0)
