@@ -45,6 +45,11 @@ async def delete_namespace(url: str, prefix: str) -> list[str]:
     return deleted
 
 
+def delete_namespace_sync(url: str, prefix: str) -> None:
+    """``delete_namespace`` for synchronous fixtures."""
+    asyncio.run(delete_namespace(url, prefix))
+
+
 async def stream_names(url: str, prefix: str) -> list[str]:
     nc = await nats.connect(url.split("?")[0], connect_timeout=5)
     try:
