@@ -93,7 +93,7 @@ class Broker(abc.ABC):
     #: Whether ``TaskMessage.priority`` orders delivery. A broker that cannot order by
     #: priority sets this False; the app then refuses a non-zero priority at configuration
     #: time instead of ignoring it.
-    supports_priority: ClassVar[bool] = True
+    supports_priority: bool = True
     #: Seconds between ``Delivery.keep_alive`` calls for a running task, or None.
     lease_interval: float | None = None
     #: The broker's own limit on one message, in bytes, once started (None: no limit).

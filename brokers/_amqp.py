@@ -1,0 +1,340 @@
+"""What the RabbitMQ broker and result store share: options, names, connecting, publishing.
+
+Both sides of a deployment (producers, workers, listeners, possibly in other languages)
+must agree on every exchange and queue name and on the queue arguments, because RabbitMQ
+refuses a declaration whose arguments differ from the existing queue's. So the names and
+arguments are computed here, in one place, from the URL's ``prefix`` and options, and
+written up in ``docs/rabbitmq.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import re
+import socket
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.exceptions import (
+    AMQPConnectionError,
+    AuthenticationError,
+    ChannelClosed,
+    ChannelInvalidStateError,
+    DeliveryError,
+    PublishError,
+)
+from aiormq import spec
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential,
+)
+
+from qtasks.errors import BrokerUnavailableError, ConfigurationError
+from qtasks.registry import redact
+
+log = logging.getLogger("qtasks.rabbitmq")
+
+T = TypeVar("T")
+
+#: Errors that mean "the connection or channel went away": wait for the robust connection
+#: to come back and try again. A returned (unroutable) message is not one of them.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    AMQPConnectionError, ChannelInvalidStateError, ConnectionError, OSError, TimeoutError,
+)
+
+_NAME = re.compile(r"^[A-Za-z0-9_.:\-]+$")
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, AuthenticationError | PublishError):
+        return False
+    # A nack (not a return) means the broker could not take the message right now.
+    return isinstance(exc, TRANSIENT) or isinstance(exc, DeliveryError)
+
+
+@dataclass(slots=True)
+class AmqpSettings:
+    """Every option of the RabbitMQ backend; from the URL query, overridden by keywords.
+
+    The same URL usually configures both the broker and the result store, so each accepts
+    the other's options and ignores them.
+    """
+
+    prefix: str = "qtasks"
+    #: ``classic`` (priorities, one node) or ``quorum`` (replicated; no priorities on 3.10).
+    queue_type: str = "classic"
+    #: ``x-max-priority`` of classic task queues; task priorities above it are clamped.
+    max_priority: int = 10
+    #: Deliveries of one task message before it is dead-lettered (a poison message that
+    #: crashes every worker it reaches must end somewhere).
+    delivery_limit: int = 10
+    #: Seconds results stay readable (the stream's ``x-max-age``).
+    ttl: float = 86400.0
+    #: Seconds before a task id's UUIDv7 time from which a late reader scans the stream;
+    #: covers clock skew between the producer's host and the broker.
+    stream_margin: float = 10.0
+    #: The server's ``consumer_timeout`` in seconds (3.10 default: 30 min). Only used to
+    #: warn before the server closes the channel of a task that runs longer.
+    consumer_timeout: float = 1800.0
+    #: Seconds a publish keeps retrying through reconnects before it fails.
+    publish_timeout: float = 30.0
+    #: Seconds the first connection keeps retrying before ``start`` fails.
+    connect_timeout: float = 30.0
+    #: Seconds between reconnection attempts of an established connection.
+    reconnect_interval: float = 1.0
+    #: The URL handed to aio-pika (our options removed), and the same with no password.
+    connection_url: str = ""
+    display_url: str = ""
+
+    @classmethod
+    def parse(cls, url: str, options: Mapping[str, Any]) -> AmqpSettings:
+        parts = urlsplit(url)
+        if parts.scheme not in ("amqp", "amqps"):
+            raise ConfigurationError(f"not an AMQP URL: {redact(url)!r}")
+        known = {f.name for f in fields(cls)} - {"connection_url", "display_url"}
+        unknown = set(options) - known
+        if unknown:
+            raise ConfigurationError(
+                f"unknown RabbitMQ option(s) {sorted(unknown)}; known: {sorted(known)}")
+        ours: dict[str, Any] = {}
+        passed: list[tuple[str, str]] = []
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            if key in known:
+                ours[key] = value
+            else:
+                passed.append((key, value))  # aio-pika's own: heartbeat, name, ssl ...
+        ours.update(options)
+        settings = cls()
+        for f in fields(cls):
+            if f.name in ours:
+                default = getattr(settings, f.name)
+                try:
+                    setattr(settings, f.name, type(default)(ours[f.name]))
+                except (TypeError, ValueError):
+                    raise ConfigurationError(
+                        f"RabbitMQ option {f.name}={ours[f.name]!r} is not a "
+                        f"{type(default).__name__}") from None
+        passed.append(("reconnect_interval", str(settings.reconnect_interval)))
+        settings.connection_url = urlunsplit(parts._replace(query=urlencode(passed)))
+        settings.display_url = redact(url)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if not _NAME.match(self.prefix):
+            raise ConfigurationError(
+                f"prefix {self.prefix!r} must be non-empty letters, digits, '_', '.', ':', '-'")
+        if self.queue_type not in ("classic", "quorum"):
+            raise ConfigurationError(
+                f"queue_type must be 'classic' or 'quorum', not {self.queue_type!r}")
+        if not 0 <= self.max_priority <= 255:
+            raise ConfigurationError("max_priority must be between 0 and 255")
+        if self.delivery_limit < 1 or self.ttl <= 0:
+            raise ConfigurationError("delivery_limit and ttl must be positive")
+
+    # -- names: every one starts with the prefix -----------------------------------------
+
+    @property
+    def tasks_exchange(self) -> str:
+        return f"{self.prefix}.tasks"
+
+    def work_queue(self, queue: str) -> str:
+        if not queue or len(queue) > 200:
+            raise ConfigurationError(f"queue name {queue!r} must have 1 to 200 characters")
+        return f"{self.prefix}.q.{queue}"
+
+    def delay_queue(self, queue: str, ttl_ms: int) -> str:
+        return f"{self.prefix}.delay.{queue}.{ttl_ms}"
+
+    @property
+    def dead_exchange(self) -> str:
+        return f"{self.prefix}.dlx"
+
+    @property
+    def dead_queue(self) -> str:
+        return f"{self.prefix}.dead"
+
+    @property
+    def results_exchange(self) -> str:
+        return f"{self.prefix}.results"
+
+    @property
+    def stream_queue(self) -> str:
+        return f"{self.prefix}.results.stream"
+
+    def private_queue(self, kind: str) -> str:
+        """An exclusive queue of this process (reply inbox, listener)."""
+        return f"{self.prefix}.{kind}.{uuid.uuid4().hex}"
+
+    # -- arguments: producers in other languages must declare the same ------------------
+
+    def work_queue_arguments(self) -> dict[str, Any]:
+        args: dict[str, Any] = {"x-dead-letter-exchange": self.dead_exchange}
+        if self.queue_type == "quorum":
+            args.update({"x-queue-type": "quorum", "x-delivery-limit": self.delivery_limit,
+                         "x-dead-letter-strategy": "at-least-once",
+                         "x-overflow": "reject-publish"})
+        elif self.max_priority:
+            args["x-max-priority"] = self.max_priority
+        return args
+
+    def delay_queue_arguments(self, queue: str, ttl_ms: int) -> dict[str, Any]:
+        args: dict[str, Any] = {
+            "x-message-ttl": ttl_ms,
+            "x-expires": ttl_ms + DELAY_QUEUE_IDLE_MS,
+            "x-dead-letter-exchange": self.tasks_exchange,
+            "x-dead-letter-routing-key": queue,
+        }
+        if self.queue_type == "quorum":
+            args.update({"x-queue-type": "quorum", "x-dead-letter-strategy": "at-least-once",
+                         "x-overflow": "reject-publish"})
+        return args
+
+    def dead_queue_arguments(self) -> dict[str, Any]:
+        return {"x-queue-type": "quorum"} if self.queue_type == "quorum" else {}
+
+    def stream_arguments(self) -> dict[str, Any]:
+        return {"x-queue-type": "stream", "x-max-age": f"{max(1, math.ceil(self.ttl))}s",
+                # Age-based retention drops whole segments; smaller ones expire closer to
+                # the TTL (the default is 500 MB).
+                "x-stream-max-segment-size-bytes": 50_000_000}
+
+
+#: A delay queue lives this long after its last declaration beyond its TTL. Publishing does
+#: not count as use for ``x-expires``, so publishers redeclare at least every
+#: ``DELAY_REDECLARE_S`` seconds: the queue then outlives every message put in it.
+DELAY_QUEUE_IDLE_MS = 60_000
+DELAY_REDECLARE_S = 30.0
+
+
+def delay_bucket_ms(delay: float, digits: int, up: bool) -> int:
+    """``delay`` in milliseconds, rounded to ``digits`` significant digits.
+
+    One delay queue per rounded value: every message in a queue has the same TTL, so none
+    waits behind a longer one (no head-of-line blocking), and rounding keeps the number of
+    queues small (at most 9*10**(digits-1) per decade).
+    """
+    exact = delay * 1000.0
+    ms = max(1, math.ceil(exact) if up else math.floor(exact))
+    step = int(10 ** max(0, len(str(ms)) - digits))
+    return max(1, (math.ceil(ms / step) if up else ms // step) * step)
+
+
+def connection_name(settings: AmqpSettings, role: str) -> str:
+    """How the connection shows in ``rabbitmqctl list_connections`` and the management UI:
+    namespace, role, host, process and a token telling two connections of one process
+    apart."""
+    token = uuid.uuid4().hex[:6]
+    return f"qtasks {settings.prefix} {role} {socket.gethostname()}:{os.getpid()}:{token}"
+
+
+def _scrub(text: str, settings: AmqpSettings) -> str:
+    password = urlsplit(settings.connection_url).password
+    return text.replace(password, "***") if password else text
+
+
+async def connect(settings: AmqpSettings, name: str) -> AbstractRobustConnection:
+    """A robust connection (it reconnects and restores channels, queues, bindings and
+    consumers by itself), retrying the first attempt with backoff for
+    ``connect_timeout`` seconds: a worker started before its broker waits for it."""
+    try:
+        async for attempt in AsyncRetrying(
+            stop=stop_after_delay(settings.connect_timeout),
+            wait=wait_exponential(multiplier=0.2, max=5.0),
+            retry=retry_if_exception(is_transient),
+            reraise=True,
+        ):
+            with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    log.info("connecting to %s (attempt %d)", settings.display_url,
+                             attempt.retry_state.attempt_number)
+                return await aio_pika.connect_robust(
+                    settings.connection_url,
+                    client_properties={"connection_name": name},
+                )
+    except AuthenticationError as exc:
+        raise ConfigurationError(
+            f"RabbitMQ at {settings.display_url} refused the credentials: "
+            f"{_scrub(str(exc), settings)}") from None
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        raise BrokerUnavailableError(
+            f"cannot connect to RabbitMQ at {settings.display_url} within "
+            f"{settings.connect_timeout:g} s: {_scrub(str(exc), settings) or type(exc).__name__}"
+        ) from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def send(channel: AbstractChannel, exchange: str, routing_key: str, body: bytes,
+               properties: spec.Basic.Properties, mandatory: bool,
+               timeout: float | None = None) -> None:
+    """Publish on the channel's current underlying (aiormq) channel and wait for the
+    confirm. aio-pika's ``Message`` and ``Exchange.publish`` layers cost more than the
+    publish itself on the hot path (a worker publishes two events per task); a nack
+    raises ``DeliveryError``, a return (``mandatory``) ``PublishError``."""
+    underlay = await channel.get_underlay_channel()
+    await underlay.basic_publish(body, exchange=exchange, routing_key=routing_key,
+                                 properties=properties, mandatory=mandatory, timeout=timeout)
+
+
+async def retrying(settings: AmqpSettings, what: str,
+                   operation: Callable[[], Awaitable[T]]) -> T:
+    """Run ``operation`` until it succeeds, retrying through reconnects with backoff for
+    ``publish_timeout`` seconds; then raise ``BrokerUnavailableError``.
+
+    A retried publish whose first confirm was lost in a connection drop may be stored
+    twice: delivery is at-least-once, and consumers de-duplicate.
+    """
+    try:
+        return await operation()  # the usual case, without the retry machinery's cost
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        log.warning("%s failed (%s: %s); retrying while RabbitMQ reconnects", what,
+                    type(exc).__name__, exc)
+    try:
+        async for attempt in AsyncRetrying(
+            stop=stop_after_delay(settings.publish_timeout),
+            wait=wait_exponential(multiplier=0.05, max=2.0),
+            retry=retry_if_exception(is_transient),
+            reraise=True,
+        ):
+            with attempt:
+                return await operation()
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        raise BrokerUnavailableError(
+            f"{what}: RabbitMQ at {settings.display_url} unavailable for "
+            f"{settings.publish_timeout:g} s ({type(exc).__name__}: {exc})") from exc
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def raise_if_refused(exc: BaseException, settings: AmqpSettings) -> None:
+    """A declaration refused for other arguments becomes an error that says what to do."""
+    if isinstance(exc, ChannelClosed) and "PRECONDITION_FAILED" in str(exc):
+        raise ConfigurationError(
+            f"RabbitMQ at {settings.display_url} refused a declaration: {exc}. A queue or "
+            f"exchange of prefix {settings.prefix!r} exists with other arguments (another "
+            "queue_type, max_priority or ttl): delete it or use another prefix") from exc
+
+
+async def quietly(operation: Awaitable[object], timeout: float = 5.0) -> None:
+    """Best-effort cleanup (cancel a consumer, close a channel): errors and a connection
+    that never comes back are ignored, because a robust channel waits for its connection
+    forever and a closing program must not."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(timeout):
+            await operation

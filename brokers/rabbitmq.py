@@ -1,0 +1,614 @@
+"""The RabbitMQ broker (tasks in), on aio-pika.
+
+Topology, every name under the URL's ``prefix`` (``docs/rabbitmq.md`` has the full table):
+
+- ``{prefix}.tasks``, a direct exchange; the routing key is the QTasks queue name.
+- ``{prefix}.q.{queue}``, one durable queue per QTasks queue, bound with its name. Classic
+  queues carry ``x-max-priority``; quorum queues (``queue_type=quorum``) are replicated
+  but have no priorities on RabbitMQ 3.10, so the app refuses priorities for them.
+- ``{prefix}.delay.{queue}.{ms}``, delay queues: a message waits ``ms`` there (the queue's
+  ``x-message-ttl``), then is dead-lettered into ``{prefix}.tasks`` with its queue's name.
+  One queue per rounded delay, so nothing waits behind a longer delay; ``x-expires``
+  removes idle ones. No plugin.
+- ``{prefix}.dlx`` (fanout) into ``{prefix}.dead``: messages the worker gives up on, byte
+  for byte, with ``x-qtasks-reason`` and ``x-qtasks-queue`` headers.
+
+Tasks are published persistent, ``mandatory`` and with publisher confirms: ``publish``
+returns once RabbitMQ has taken the message, and an unroutable one is an error. Workers
+consume with manual acks and ``basic.qos`` equal to their concurrency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
+from aio_pika.exceptions import ChannelClosed, PublishError
+from aiormq import spec
+
+from brokers._amqp import (
+    DELAY_QUEUE_IDLE_MS,
+    DELAY_REDECLARE_S,
+    AmqpSettings,
+    connect,
+    connection_name,
+    delay_bucket_ms,
+    quietly,
+    raise_if_refused,
+    retrying,
+    send,
+)
+from qtasks.errors import QTasksError
+from qtasks.interfaces import Broker, DeadLetter, Delivery, QueueStats
+from qtasks.protocol import TaskMessage
+
+log = logging.getLogger("qtasks.rabbitmq")
+
+#: How many times a classic-queue message was handed out before (quorum queues count in
+#: ``x-delivery-count`` themselves).
+REDELIVERIES = "x-qtasks-redeliveries"
+REASON = "x-qtasks-reason"
+ORIGIN = "x-qtasks-queue"
+#: Headers RabbitMQ or this backend manages; stripped when a message is copied elsewhere.
+_MANAGED = {"x-death", "x-first-death-exchange", "x-first-death-queue",
+            "x-first-death-reason", "x-delivery-count"}
+
+
+def _alive(message: AbstractIncomingMessage) -> bool:
+    """Whether the channel ``message`` came on is still open (its delivery tag valid)."""
+    try:
+        return not message.channel.is_closed
+    except Exception:
+        return False
+
+
+def _copy(message: AbstractIncomingMessage, **headers: Any) -> spec.Basic.Properties:
+    """The same properties (body unchanged), for moving a message to another queue."""
+    kept = {k: v for k, v in (message.headers or {}).items() if k not in _MANAGED}
+    kept.update(headers)
+    return spec.Basic.Properties(
+        headers=kept, content_type=message.content_type,
+        content_encoding=message.content_encoding, delivery_mode=2,
+        priority=message.priority, correlation_id=message.correlation_id,
+        reply_to=message.reply_to, message_id=message.message_id,
+        timestamp=message.timestamp, message_type=message.type, app_id=message.app_id,
+    )
+
+
+def _header_int(message: AbstractIncomingMessage, name: str) -> int:
+    try:
+        return int((message.headers or {}).get(name) or 0)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0
+
+
+class RabbitMQDelivery(Delivery):
+    """A task message on loan from a work queue until one settlement.
+
+    A settlement that fails because the channel died in the meantime is logged and
+    dropped: RabbitMQ has already put the message back for another worker, and the
+    delivery tag means nothing on the new channel.
+    """
+
+    def __init__(self, broker: RabbitMQBroker, queue: str, message: AbstractIncomingMessage,
+                 redelivered: bool, on_settled: Callable[[], None]) -> None:
+        self.body = message.body
+        self.redelivered = redelivered
+        self.queue = queue
+        self.message = message
+        self._broker = broker
+        self._on_settled = on_settled
+        self._received = time.monotonic()
+        self._settled = False
+        self._warned = False
+
+    async def ack(self) -> None:
+        await self._settle("ack", self.message.ack)
+
+    async def requeue(self) -> None:
+        await self._settle("requeue", lambda: self.message.nack(requeue=True))
+
+    async def retry_later(self, delay: float) -> None:
+        async def move() -> None:
+            # Rounded up: this must never come back early (3 digits: at most 1 % late).
+            ttl = delay_bucket_ms(delay, digits=3, up=True)
+            await self._broker.publish_delayed(self.queue, ttl, self.body, _copy(self.message))
+            await self.message.ack()
+
+        await self._settle("delay", move, fallback=lambda: self.message.nack(requeue=True))
+
+    async def dead_letter(self, reason: str) -> None:
+        async def move() -> None:
+            await self._broker.publish_dead(self.queue, self.body, _copy(
+                self.message, **{REASON: reason[:4000], ORIGIN: self.queue,
+                                 "x-qtasks-dead-at": int(time.time())}))
+            await self.message.ack()
+
+        # If the copy cannot be published, RabbitMQ's own dead-lettering still keeps the
+        # message (with an x-death header instead of our reason).
+        await self._settle("dead-letter", move,
+                           fallback=lambda: self.message.reject(requeue=False))
+
+    async def keep_alive(self) -> None:
+        """RabbitMQ leases a delivery for as long as the channel lives, except that 3.10
+        closes a channel holding a delivery longer than its ``consumer_timeout`` (which a
+        client cannot extend): say so before it happens, once."""
+        held = time.monotonic() - self._received
+        limit = self._broker.settings.consumer_timeout
+        if not self._warned and not self._settled and held > 0.8 * limit:
+            self._warned = True
+            log.warning(
+                "task message %s has run %.1f s; RabbitMQ closes the channel at its "
+                "consumer_timeout (%.1f s) and hands the task to another worker: raise "
+                "consumer_timeout in rabbitmq.conf (see docs/rabbitmq.md)",
+                self.message.message_id, held, limit)
+
+    async def _settle(self, what: str, operation: Callable[[], Awaitable[Any]],
+                      fallback: Callable[[], Awaitable[Any]] | None = None) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        try:
+            try:
+                await operation()
+            except Exception as exc:
+                if fallback is None or not _alive(self.message):
+                    raise
+                log.warning("could not %s task message %s (%s); falling back", what,
+                            self.message.message_id, exc)
+                await fallback()
+        except Exception as exc:
+            log.warning("could not %s task message %s from %s (%s: %s); RabbitMQ will hand "
+                        "it out again", what, self.message.message_id, self.queue,
+                        type(exc).__name__, exc)
+        finally:
+            self._on_settled()
+
+
+class _Consumer:
+    """One ``consume()`` call: its channel and QoS, a consumer per queue, the messages
+    received but not yet handed out, and how many handed out are still unsettled."""
+
+    def __init__(self, broker: RabbitMQBroker, queues: Sequence[str], prefetch: int) -> None:
+        self.broker = broker
+        self.queues = list(queues)
+        self.prefetch = max(1, min(prefetch, 65535))
+        self.inbox: asyncio.Queue[tuple[str, AbstractIncomingMessage] | None] = asyncio.Queue()
+        # The client-side bound: with several quorum queues RabbitMQ can only limit each
+        # consumer, so the worker must not run more than ``prefetch`` at once by itself.
+        self.slots = asyncio.Semaphore(self.prefetch)
+        self.unsettled = 0
+        self.stopped = False
+        self.closed = False
+        self.channel: AbstractRobustChannel | None = None
+        self.consumers: list[tuple[AbstractQueue, str]] = []
+        self.closing: asyncio.Future[None] | None = None
+
+    async def open(self, connection: AbstractRobustConnection) -> None:
+        settings = self.broker.settings
+        self.channel = channel = await connection.channel()
+        channel.close_callbacks.add(self._on_close)
+        # Per consumer by default; per channel (exact for several queues) where the queue
+        # type allows it (quorum queues refuse a global QoS).
+        shared = len(self.queues) > 1 and settings.queue_type == "classic"
+        await channel.set_qos(prefetch_count=self.prefetch, global_=shared)
+        for name in self.queues:
+            queue = await channel.declare_queue(
+                settings.work_queue(name), durable=True,
+                arguments=settings.work_queue_arguments())
+            tag = await queue.consume(self._receiver(name))
+            self.consumers.append((queue, tag))
+
+    def _receiver(self, name: str) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+        async def receive(message: AbstractIncomingMessage) -> None:
+            if self.stopped:
+                await quietly(message.nack(requeue=True))
+                return
+            self.inbox.put_nowait((name, message))
+
+        return receive
+
+    def _on_close(self, _channel: object, exc: BaseException | None) -> None:
+        if self.stopped or exc is None or isinstance(exc, asyncio.CancelledError):
+            return
+        text = str(exc)
+        if "acknowledgement" in text and "timed out" in text:
+            log.error("RabbitMQ closed the worker channel: a task ran past the server's "
+                      "consumer_timeout; its unacked tasks go to other workers (set "
+                      "consumer_timeout in rabbitmq.conf, see docs/rabbitmq.md): %s", text)
+        else:
+            log.warning("consumer channel closed (%s: %s); resuming after reconnect",
+                        type(exc).__name__, text)
+
+    async def next(self) -> RabbitMQDelivery | None:
+        while True:
+            item = await self.inbox.get()
+            if item is None:
+                return None  # the broker was closed
+            name, message = item
+            if not _alive(message):
+                continue  # its channel died: RabbitMQ has put it back already
+            delivery = await self._admit(name, message)
+            if delivery is not None:
+                return delivery
+
+    async def _admit(self, name: str, message: AbstractIncomingMessage) -> RabbitMQDelivery | None:
+        """The delivery to hand out, or None when a redelivered classic-queue message was
+        counted (re-published with its count) or is over ``delivery_limit``.
+
+        Classic queues say only *that* a message was delivered before, not how often, so
+        a redelivered message is re-published with ``x-qtasks-redeliveries`` + 1 and the
+        original acked: a task that kills every worker it reaches is dead-lettered after
+        ``delivery_limit`` runs instead of circulating forever.
+        """
+        settings = self.broker.settings
+        count = _header_int(message, REDELIVERIES)
+        if settings.queue_type == "quorum" or not message.redelivered:
+            return RabbitMQDelivery(self.broker, name, message,
+                                    message.redelivered or count > 0, self._settled)
+        internal = RabbitMQDelivery(self.broker, name, message, True, lambda: None)
+        if count + 1 >= settings.delivery_limit:
+            log.error("dead-lettering task message %s: delivered %d times (delivery_limit)",
+                      message.message_id, count + 1)
+            await internal.dead_letter(
+                f"redelivery limit: delivered {count + 1} times without being settled "
+                f"(delivery_limit={settings.delivery_limit})")
+            return None
+
+        async def count_it() -> None:
+            await self.broker.publish_raw(settings.tasks_exchange, name, message.body,
+                                          _copy(message, **{REDELIVERIES: count + 1}))
+            await message.ack()
+
+        await internal._settle("count the redelivery of", count_it,
+                               fallback=lambda: message.nack(requeue=True))
+        return None
+
+    def _settled(self) -> None:
+        self.unsettled -= 1
+        self.slots.release()
+        if self.stopped and self.unsettled == 0:
+            self.closing = asyncio.ensure_future(self._close_channel())
+
+    async def stop(self) -> None:
+        """Stop consuming; what was received but not handed out goes back at once. The
+        channel stays open until every delivery handed out is settled."""
+        self.stopped = True
+        if not self.closed:
+            for queue, tag in self.consumers:
+                await quietly(queue.cancel(tag))
+        while not self.inbox.empty():
+            item = self.inbox.get_nowait()
+            if item is not None and _alive(item[1]):
+                await quietly(item[1].nack(requeue=True))
+        if self.unsettled == 0:
+            await self._close_channel()
+
+    def close_now(self) -> None:
+        """The broker is closing: end the ``consume()`` iterator wherever it waits."""
+        self.closed = True
+        self.inbox.put_nowait(None)
+        self.slots.release()
+
+    async def _close_channel(self) -> None:
+        channel, self.channel = self.channel, None
+        self.broker.consumers.discard(self)
+        if channel is not None and not channel.is_closed and not self.closed:
+            await quietly(channel.close())
+
+
+class RabbitMQBroker(Broker):
+    """Tasks over RabbitMQ. ``RabbitMQBroker("amqp://user:pass@host/vhost?prefix=app")``;
+    options in the URL query or as keywords (see ``brokers._amqp.AmqpSettings``)."""
+
+    #: The worker calls ``keep_alive`` this often; here only to warn before RabbitMQ's
+    #: ``consumer_timeout`` (the lease itself lasts as long as the channel).
+    lease_interval = 60.0
+    #: RabbitMQ's default ``max_message_size`` (128 MiB).
+    max_message_size = 128 * 1024 * 1024
+
+    def __init__(self, url: str = "amqp://guest:guest@localhost/", **options: Any) -> None:
+        self.settings = AmqpSettings.parse(url, options)
+        self.url = self.settings.display_url
+        #: As RabbitMQ lists the connection (``rabbitmqctl list_connections``).
+        self.connection_name = connection_name(self.settings, "broker")
+        if self.settings.queue_type == "quorum" or not self.settings.max_priority:
+            # Quorum queues on RabbitMQ 3.10 ignore priorities (and max_priority=0 turns
+            # them off): the app then refuses them up front instead of ignoring them.
+            self.supports_priority = False
+        self.consumers: set[_Consumer] = set()
+        self._connection: AbstractRobustConnection | None = None
+        self._publisher: AbstractRobustChannel | None = None
+        self._admin: AbstractRobustChannel | None = None
+        self._declared: set[str] = set()
+        self._delay_declared: dict[str, float] = {}
+        self._lock = asyncio.Lock()
+        #: How often the connection was re-established (for logs, metrics and tests).
+        self.reconnects = 0
+
+    def __repr__(self) -> str:
+        return f"<RabbitMQBroker {self.url} prefix={self.settings.prefix}>"
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._connection is not None:
+            return
+        async with self._lock:
+            if self._connection is not None:
+                return
+            settings = self.settings
+            connection = await connect(settings, self.connection_name)
+            try:
+                # Returns raise PublishError: an unroutable task is an error, not lost.
+                publisher = await connection.channel(on_return_raises=True)
+                admin = await connection.channel()
+                await admin.declare_exchange(settings.tasks_exchange, "direct", durable=True)
+                dlx = await admin.declare_exchange(settings.dead_exchange, "fanout",
+                                                   durable=True)
+                dead = await admin.declare_queue(settings.dead_queue, durable=True,
+                                                 arguments=settings.dead_queue_arguments())
+                await dead.bind(dlx, "")
+            except BaseException as exc:
+                await connection.close()
+                raise_if_refused(exc, settings)
+                raise
+            self._publisher = publisher
+            self._admin = admin
+            connection.reconnect_callbacks.add(self._on_reconnect)
+            self._connection = connection
+
+    def _on_reconnect(self, _connection: object) -> None:
+        self.reconnects += 1
+        # A broker restarted without its durable queues (a new node) needs them again.
+        self._declared.clear()
+        self._delay_declared.clear()
+        log.info("reconnected to %s (%d reconnects)", self.url, self.reconnects)
+
+    async def close(self) -> None:
+        for consumer in list(self.consumers):
+            consumer.close_now()
+        connection, self._connection = self._connection, None
+        self._declared.clear()
+        self._delay_declared.clear()
+        if connection is not None:
+            await connection.close()
+
+    # -- declaring ---------------------------------------------------------------------
+
+    async def declare(self, queues: Sequence[str]) -> None:
+        await self.start()
+        for queue in queues:
+            await self._ensure_queue(queue)
+
+    async def _ensure_queue(self, queue: str, force: bool = False) -> None:
+        name = self.settings.work_queue(queue)
+        if name in self._declared and not force:
+            return
+        async with self._lock:
+            if name in self._declared and not force:
+                return
+            try:
+                declared = await self._admin_channel().declare_queue(
+                    name, durable=True, arguments=self.settings.work_queue_arguments(),
+                    robust=False)
+                await declared.bind(self.settings.tasks_exchange, queue, robust=False)
+            except ChannelClosed as exc:
+                raise_if_refused(exc, self.settings)
+                raise
+            self._declared.add(name)
+
+    async def _ensure_delay_queue(self, queue: str, ttl_ms: int, force: bool = False) -> str:
+        name = self.settings.delay_queue(queue, ttl_ms)
+        now = time.monotonic()
+        if not force and now - self._delay_declared.get(name, -1e9) < DELAY_REDECLARE_S:
+            return name
+        await self._admin_channel().declare_queue(
+            name, durable=True, arguments=self.settings.delay_queue_arguments(queue, ttl_ms),
+            robust=False)
+        self._delay_declared[name] = now
+        if len(self._delay_declared) > 1000:  # forget queues that have expired by now
+            horizon = now - DELAY_QUEUE_IDLE_MS / 1000.0
+            self._delay_declared = {k: t for k, t in self._delay_declared.items()
+                                    if t > horizon}
+        return name
+
+    def _admin_channel(self) -> AbstractRobustChannel:
+        if self._admin is None:
+            raise QTasksError("RabbitMQBroker is not started (call start())")
+        return self._admin
+
+    # -- publishing --------------------------------------------------------------------
+
+    async def publish(self, message: TaskMessage, body: bytes) -> None:
+        await self.start()
+        await self._ensure_queue(message.queue)
+        priority = min(max(message.priority, 0), self.settings.max_priority)
+        properties = spec.Basic.Properties(
+            delivery_mode=2, content_type="application/json", message_id=message.id,
+            message_type="task", app_id="qtasks",
+            priority=priority if priority and self.supports_priority else None,
+            headers={"x-qtasks-task": message.task, "x-qtasks-attempt": message.attempt},
+        )
+        delay = message.not_before - time.time() if message.not_before is not None else 0.0
+        if delay >= 0.001:
+            # Rounded down: at most 10 % early, and the worker sends an early message
+            # back with the time left (retry_later), which rounds up.
+            await self.publish_delayed(message.queue, delay_bucket_ms(delay, 2, up=False),
+                                       body, properties)
+        else:
+            await self.publish_raw(self.settings.tasks_exchange, message.queue, body,
+                                   properties)
+
+    async def publish_delayed(self, queue: str, ttl_ms: int, body: bytes,
+                              properties: spec.Basic.Properties) -> None:
+        await self.start()
+        await self._ensure_queue(queue)
+        name = await self._ensure_delay_queue(queue, ttl_ms)
+        await self.publish_raw("", name, body, properties,
+                               redeclare=lambda: self._ensure_delay_queue(queue, ttl_ms, True))
+
+    async def publish_dead(self, queue: str, body: bytes,
+                           properties: spec.Basic.Properties) -> None:
+        await self.publish_raw(self.settings.dead_exchange, queue, body, properties)
+
+    async def publish_raw(self, exchange: str, routing_key: str, body: bytes,
+                          properties: spec.Basic.Properties,
+                          redeclare: Callable[[], Awaitable[Any]] | None = None) -> None:
+        """Publish, mandatory and confirmed, through reconnects. Returned as unroutable
+        once (a queue deleted, or a delay queue expired, since we declared it): declare
+        again and retry; returned twice: an error."""
+        if redeclare is None and exchange == self.settings.tasks_exchange:
+            async def redeclare_work_queue() -> None:
+                await self._ensure_queue(routing_key, force=True)
+            redeclare = redeclare_work_queue
+
+        async def attempt() -> None:
+            channel = self._publisher
+            if channel is None:
+                raise QTasksError("RabbitMQBroker is closed")
+            timeout = self.settings.publish_timeout
+            try:
+                await send(channel, exchange, routing_key, body, properties, True, timeout)
+            except PublishError:
+                if redeclare is None:
+                    raise
+                await redeclare()
+                await send(channel, exchange, routing_key, body, properties, True, timeout)
+
+        await self.start()
+        try:
+            await retrying(self.settings, f"publishing task {properties.message_id}", attempt)
+        except PublishError as exc:
+            raise QTasksError(
+                f"RabbitMQ returned task {properties.message_id} as unroutable "
+                f"(exchange {exchange!r}, routing key {routing_key!r})") from exc
+
+    # -- consuming ---------------------------------------------------------------------
+
+    async def consume(self, queues: Sequence[str], prefetch: int) -> AsyncIterator[Delivery]:
+        await self.declare(queues)
+        assert self._connection is not None
+        consumer = _Consumer(self, queues, prefetch)
+        self.consumers.add(consumer)
+        try:
+            await consumer.open(self._connection)
+            while True:
+                await consumer.slots.acquire()
+                if consumer.closed:
+                    return
+                try:
+                    delivery = await consumer.next()
+                except BaseException:
+                    consumer.slots.release()
+                    raise
+                if delivery is None:
+                    return
+                consumer.unsettled += 1
+                yield delivery
+        finally:
+            await consumer.stop()
+
+    # -- operations (qtasks inspect / dead) ----------------------------------------------
+
+    async def inspect(self, queues: Sequence[str]) -> list[QueueStats]:
+        await self.start()
+        assert self._connection is not None
+        stats = []
+        for queue in queues:
+            async with self._connection.channel() as channel:
+                try:
+                    declared = await channel.declare_queue(
+                        self.settings.work_queue(queue), passive=True, robust=False)
+                except ChannelClosed:
+                    stats.append(QueueStats(queue, 0, None, 0))
+                    continue
+                result = declared.declaration_result
+                stats.append(QueueStats(queue, result.message_count or 0, None,
+                                        result.consumer_count or 0))
+        return stats
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """Read with basic.get and never acked: closing the channel puts them all back."""
+        found: list[DeadLetter] = []
+        async with self._dead_channel() as queue:
+            while len(found) < limit:
+                message = await queue.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                found.append(_dead_letter(message))
+        return found
+
+    async def requeue_dead(self, refs: Sequence[str] | None = None) -> int:
+        wanted = set(refs) if refs is not None else None
+        moved = 0
+        async with self._dead_channel() as queue:
+            total = queue.declaration_result.message_count or 0
+            for _ in range(total):
+                message = await queue.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                letter = _dead_letter(message)
+                if wanted is not None and letter.ref not in wanted:
+                    continue  # left unacked: back in the dead queue when the channel closes
+                copy = _copy(message)
+                headers = copy.headers or {}
+                for name in list(headers):
+                    if name.startswith("x-qtasks-") and name not in ("x-qtasks-task",
+                                                                     "x-qtasks-attempt"):
+                        del headers[name]
+                await self._ensure_queue(letter.queue)
+                await self.publish_raw(self.settings.tasks_exchange, letter.queue,
+                                       message.body, copy)
+                await message.ack()
+                moved += 1
+        return moved
+
+    async def purge_dead(self) -> int:
+        async with self._dead_channel() as queue:
+            result = await queue.purge()
+            return int(result.message_count or 0)
+
+    @contextlib.asynccontextmanager
+    async def _dead_channel(self) -> AsyncIterator[AbstractQueue]:
+        await self.start()
+        assert self._connection is not None
+        async with self._connection.channel() as channel:
+            yield await channel.declare_queue(
+                self.settings.dead_queue, durable=True,
+                arguments=self.settings.dead_queue_arguments(), robust=False)
+
+
+def _dead_letter(message: AbstractIncomingMessage) -> DeadLetter:
+    headers = message.headers or {}
+    reason, queue = headers.get(REASON), headers.get(ORIGIN)
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        death = deaths[0]  # RabbitMQ's own dead-lettering (quorum delivery limit, reject)
+        reason = reason or f"RabbitMQ: {_text(death.get('reason'))}"
+        keys = death.get("routing-keys")
+        queue = queue or (keys[0] if isinstance(keys, list) and keys else None)
+    ref = message.message_id or f"sha1:{hashlib.sha1(message.body).hexdigest()[:16]}"
+    dead_at = headers.get("x-qtasks-dead-at")
+    at = float(dead_at) if isinstance(dead_at, int | float) else None
+    if at is None and isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        when = deaths[0].get("time")
+        at = when.timestamp() if isinstance(when, datetime) else None
+    return DeadLetter(ref=str(ref), queue=_text(queue or message.routing_key or "default"),
+                      body=message.body, reason=_text(reason or "unknown"), at=at)
+
+
+def _text(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)

@@ -1,0 +1,325 @@
+"""What only the RabbitMQ backend does: its options and names, plain-AMQP producers and
+listeners, delay buckets, redelivery limits, dead-letter operations, and settling or
+watching across a connection that the server closed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import orjson
+import pytest
+from aio_pika.exceptions import ChannelInvalidStateError
+from aiormq import spec
+
+from brokers.rabbitmq import RabbitMQBroker, RabbitMQDelivery
+from integration.rabbitmq_support import (
+    Namespace,
+    close_connection,
+    open_namespace,
+    queues_of,
+)
+from qtasks import (
+    BrokerUnavailableError,
+    ConfigurationError,
+    QTasksError,
+    QueueTasks,
+    TaskMessage,
+    TaskStatus,
+)
+from qtasks.protocol import ResultEvent, encode, uuid7
+from results.rabbitmq import RabbitMQResultStore
+from tests.contract import Drain, running_worker
+
+DEADLINE = 30.0
+
+
+@pytest.fixture
+async def namespace(rabbitmq_url: str, prefix: str, tmp_path: Path) -> AsyncIterator[Namespace]:
+    async with open_namespace(rabbitmq_url, prefix, tmp_path) as ns:
+        yield ns
+
+
+def _alive(delivery: RabbitMQDelivery) -> bool:
+    try:
+        return not delivery.message.channel.is_closed
+    except ChannelInvalidStateError:  # what aio-pika says of a closed channel
+        return False
+
+
+def worker_app(ns: Namespace, **options: Any) -> QueueTasks:
+    """An in-process worker's app with a generator task."""
+    app = QueueTasks(broker=RabbitMQBroker(ns.url, **options),
+                     results=RabbitMQResultStore(ns.url), embedded_worker=False)
+    ns.apps.append(app)
+
+    @app.task(name="squares")
+    async def squares(n: int):  # type: ignore[no-untyped-def]
+        for i in range(n):
+            yield i * i
+
+    @app.task(name="add")
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    return app
+
+
+async def test_options_come_from_the_url_and_keywords() -> None:
+    broker = RabbitMQBroker("amqp://u:pw@h:5673/vh?prefix=app&queue_type=quorum&heartbeat=30",
+                            max_priority=5)
+    assert broker.settings.prefix == "app" and broker.settings.max_priority == 5
+    assert broker.settings.connection_url == "amqp://u:pw@h:5673/vh?heartbeat=30&" \
+        "reconnect_interval=1.0"
+    assert "pw" not in repr(broker) and "***" in broker.url
+    assert not broker.supports_priority and RabbitMQBroker.supports_priority
+    app = QueueTasks(broker=broker, results="memory://", embedded_worker=False)
+    with pytest.raises(ConfigurationError, match="priorities"):
+        app.task(name="urgent", priority=3)(lambda: None)
+    with pytest.raises(ConfigurationError, match="priorities"):
+        await app.add_task("anything", priority=1)
+    with pytest.raises(ConfigurationError, match="unknown RabbitMQ option"):
+        RabbitMQBroker("amqp://h/", prefx="typo")
+    with pytest.raises(ConfigurationError, match="queue_type"):
+        RabbitMQResultStore("amqp://h/?queue_type=mirrored")
+    assert RabbitMQResultStore("amqp://h/?ttl=60").ttl == 60.0
+
+
+async def test_an_unreachable_broker_is_named_without_its_password() -> None:
+    broker = RabbitMQBroker("amqp://guest:s3cret@127.0.0.1:1/?connect_timeout=0.5")
+    with pytest.raises(BrokerUnavailableError) as raised:
+        await broker.start()
+    assert "127.0.0.1:1" in str(raised.value) and "s3cret" not in str(raised.value)
+
+
+async def test_a_producer_and_a_listener_that_speak_only_amqp(namespace: Namespace) -> None:
+    """Nothing but the names and properties in docs/rabbitmq.md: a foreign producer
+    enqueues a task, a foreign listener follows its partials."""
+    prefix = namespace.prefix
+    connection = await aio_pika.connect(namespace.base_url)
+    try:
+        channel = await connection.channel(on_return_raises=True)
+        follow = await channel.declare_queue(exclusive=True)
+        async with running_worker(worker_app(namespace)):
+            await follow.bind(f"{prefix}.results", "squares.*")
+            body = orjson.dumps({"v": 1, "id": "ext-1", "task": "squares", "args": [3]})
+            tasks = await channel.get_exchange(f"{prefix}.tasks")
+            await tasks.publish(aio_pika.Message(body, delivery_mode=2, message_id="ext-1"),
+                                "default", mandatory=True)
+            events = []
+            async with follow.iterator() as messages, asyncio.timeout(DEADLINE):
+                async for message in messages:
+                    await message.ack()
+                    assert message.correlation_id == "ext-1"
+                    events.append(orjson.loads(message.body))
+                    if message.type == "final":
+                        break
+    finally:
+        await connection.close()
+    assert [e["kind"] for e in events] == ["status", "partial", "partial", "partial", "final"]
+    assert [e["value"] for e in events[1:4]] == [0, 1, 4]
+    assert events[-1]["returning"] == [0, 1, 4]
+
+
+async def test_a_delay_waits_in_a_bucket_queue_and_never_runs_early(
+        namespace: Namespace) -> None:
+    producer = namespace.app()
+    await producer.start()
+    async with running_worker(worker_app(namespace)):
+        begin = time.time()
+        task = await producer.add_task("add", 1, 2, delay=1.234)
+        # Rounded down to 2 significant digits (1200 ms, a little less if the publish
+        # took time); the worker sends what is left back through a smaller bucket.
+        delay_queue = f"{namespace.prefix}.delay.default."
+        buckets = [int(q.removeprefix(delay_queue)) for q in queues_of(namespace.prefix)
+                   if q.startswith(delay_queue)]
+        assert len(buckets) == 1 and 1100 <= buckets[0] <= 1200
+        await task.wait(DEADLINE)
+    assert task.returning == 3
+    assert task.started_at is not None and 1.234 <= task.started_at - begin < 2.0
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+async def test_a_message_that_is_never_settled_ends_in_the_dead_letter_queue(
+        namespace: Namespace, queue_type: str) -> None:
+    """As if it crashed every worker that took it: each delivery goes back unsettled."""
+    broker = RabbitMQBroker(namespace.url, queue_type=queue_type, delivery_limit=3)
+    try:
+        await broker.start()
+        message = TaskMessage(id=uuid7(), task="crashes", queue="default")
+        await broker.publish(message, encode(message))
+        deliveries = Drain(broker.consume(["default"], prefetch=1))
+        seen = 0
+        async with asyncio.timeout(DEADLINE):
+            while not await broker.dead_letters():
+                if not await deliveries.nothing_within(0.2):
+                    delivery = await deliveries.next()
+                    seen += 1
+                    assert delivery.redelivered == (seen > 1)
+                    await delivery.requeue()
+        await deliveries.close()
+        (letter,) = await broker.dead_letters()
+    finally:
+        await broker.close()
+    assert letter.body == encode(message) and letter.queue == "default"
+    if queue_type == "classic":
+        assert seen == 3 and letter.reason.startswith("redelivery limit")
+    else:
+        assert seen >= 3 and letter.reason == "RabbitMQ: delivery_limit"
+
+
+async def test_dead_letters_can_be_listed_requeued_and_purged(namespace: Namespace) -> None:
+    broker = RabbitMQBroker(namespace.url)
+    try:
+        await broker.start()
+        message = TaskMessage(id=uuid7(), task="add", queue="default")
+        await broker.publish(message, b"raw body")
+        deliveries = Drain(broker.consume(["default"], prefetch=1))
+        await (await deliveries.next()).dead_letter("a reason")
+        (letter,) = await broker.dead_letters()
+        assert (letter.ref, letter.queue, letter.body, letter.reason) == (
+            message.id, "default", b"raw body", "a reason")
+        assert await broker.requeue_dead() == 1
+        again = await deliveries.next()
+        assert again.body == b"raw body"
+        await again.dead_letter("twice")
+        await deliveries.close()
+        assert [d.reason for d in await broker.dead_letters()] == ["twice"]
+        assert await broker.purge_dead() == 1
+        assert await broker.dead_letters() == []
+        (stats,) = await broker.inspect(["default"])
+        assert (stats.queue, stats.ready) == ("default", 0)
+    finally:
+        await broker.close()
+
+
+async def test_a_deleted_work_queue_is_declared_again_on_publish(namespace: Namespace) -> None:
+    producer = namespace.app()
+    await producer.start()
+    await producer.broker.declare(["default"])
+    connection = await aio_pika.connect(namespace.base_url)
+    try:
+        await (await connection.channel()).queue_delete(f"{namespace.prefix}.q.default")
+    finally:
+        await connection.close()
+    async with running_worker(worker_app(namespace)):
+        task = await producer.add_task("add", 2, 2, timeout=DEADLINE)
+    assert task.returning == 4
+
+
+async def test_settling_after_the_server_closed_the_channel_is_logged_and_redelivered(
+        namespace: Namespace, caplog: pytest.LogCaptureFixture) -> None:
+    broker = RabbitMQBroker(namespace.url)
+    try:
+        await broker.start()
+        message = TaskMessage(id=uuid7(), task="add", queue="default")
+        await broker.publish(message, encode(message))
+        deliveries = Drain(broker.consume(["default"], prefetch=1))
+        first = await deliveries.next()
+        assert isinstance(first, RabbitMQDelivery)
+        await asyncio.to_thread(close_connection, broker.connection_name)
+        async with asyncio.timeout(DEADLINE):
+            while _alive(first):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)  # until the client has seen the close, bounded
+        with caplog.at_level(logging.WARNING, "qtasks.rabbitmq"):
+            await first.ack()  # must not raise, must not retry
+        assert "could not ack" in caplog.text
+        again = await deliveries.next()  # the consumer resumed on a new connection
+        assert again.body == first.body and again.redelivered
+        await again.ack()
+        assert await deliveries.nothing_within(0.3)
+        await deliveries.close()
+        assert broker.reconnects == 1
+    finally:
+        await broker.close()
+
+
+async def test_watch_recovers_what_was_published_while_its_connection_was_down(
+        namespace: Namespace) -> None:
+    writer, reader = namespace.app(), namespace.app()
+    await writer.start()
+    await reader.start()
+    store = reader.results_store
+    assert isinstance(store, RabbitMQResultStore)
+    task_id = uuid7()
+    events = [ResultEvent(kind="status", id=task_id, task="t", status="running")]
+    events += [ResultEvent(kind="partial", id=task_id, task="t", seq=i, value=i)
+               for i in range(60)]
+    events.append(ResultEvent(kind="final", id=task_id, task="t", status="success",
+                              returning=list(range(60)), partials=60))
+    await store.expect(task_id)  # as a submitter does before publishing
+    watcher = store.watch(task_id)
+    received: list[ResultEvent] = []
+    async with asyncio.timeout(DEADLINE):
+        for event in events[:10]:
+            await writer.results_store.publish(event, encode(event), store.reply_address)
+        while len(received) < 10:
+            received.append(await anext(watcher))
+        await asyncio.to_thread(close_connection, store.connection_name)
+        for event in events[10:]:  # the reader's inbox is gone for some of these
+            await writer.results_store.publish(event, encode(event), store.reply_address)
+        received += [e async for e in watcher]
+    assert [(e.kind, e.seq) for e in received] == [(e.kind, e.seq) for e in events]
+    assert store.reconnects == 1
+    state = await reader.get(task_id)
+    assert state is not None and state.status is TaskStatus.SUCCESS
+
+
+async def test_keep_alive_warns_before_the_servers_consumer_timeout(
+        namespace: Namespace, caplog: pytest.LogCaptureFixture) -> None:
+    broker = RabbitMQBroker(namespace.url, consumer_timeout=0.2)
+    try:
+        await broker.start()
+        message = TaskMessage(id=uuid7(), task="long", queue="default")
+        await broker.publish(message, encode(message))
+        deliveries = Drain(broker.consume(["default"], prefetch=1))
+        delivery = await deliveries.next()
+        await delivery.keep_alive()
+        assert "consumer_timeout" not in caplog.text
+        await asyncio.sleep(0.2)  # the passing of time is what is tested here
+        with caplog.at_level(logging.WARNING, "qtasks.rabbitmq"):
+            await delivery.keep_alive()
+            await delivery.keep_alive()  # once
+        assert caplog.text.count("has run") == 1 and "consumer_timeout" in caplog.text
+        await delivery.ack()
+        await deliveries.close()
+    finally:
+        await broker.close()
+
+
+async def test_an_unroutable_message_is_an_error_not_a_loss(namespace: Namespace) -> None:
+    broker = RabbitMQBroker(namespace.url)
+    try:
+        await broker.start()
+        with pytest.raises(QTasksError, match="unroutable"):
+            await broker.publish_raw("", f"{namespace.prefix}.no-such-queue", b"{}",
+                                     spec.Basic.Properties(message_id="lost?"))
+    finally:
+        await broker.close()
+
+
+async def test_a_listener_resumes_after_its_connection_was_closed(namespace: Namespace) -> None:
+    writer, listener = namespace.app(), namespace.app()
+    await writer.start()
+    events = Drain(await listener.subscribe("t"))
+    store = listener.results_store
+    assert isinstance(store, RabbitMQResultStore)
+
+    async def publish(seq: int) -> None:
+        event = ResultEvent(kind="partial", id=uuid7(), task="t", seq=seq, value=seq)
+        await writer.results_store.publish(event, encode(event))
+
+    await publish(0)
+    assert (await events.next()).value == 0
+    await asyncio.to_thread(close_connection, store.connection_name)
+    async with asyncio.timeout(DEADLINE):
+        while store.reconnects == 0:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)  # until the robust connection is back, bounded
+    await publish(1)  # live means live: what was published while it was down is not seen
+    assert (await events.next()).value == 1
+    await events.close()

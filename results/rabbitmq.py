@@ -1,0 +1,680 @@
+"""The RabbitMQ result store (results out), on aio-pika.
+
+Every event is published once, to the topic exchange ``{prefix}.results`` with routing
+key ``{task}.{id}`` (dots in the id become ``_``). Bound to it:
+
+- ``{prefix}.results.stream``, a stream queue (``x-max-age`` = the result TTL) bound with
+  ``#``: the durable log that ``get`` and ``watch`` of a task this process did not submit
+  read, starting at the time in the task's UUIDv7 id (minus ``stream_margin``).
+- ``{prefix}.reply.{hex}``, this process's exclusive inbox, once it submits a task. A task
+  carries the inbox name as ``reply_to``; the worker names it in the ``BCC`` header
+  (RabbitMQ's sender-selected distribution), so the same single publish also lands here
+  and ``watch`` of one's own task needs no replay. ``watch`` of another task binds the
+  inbox to ``#.{id}`` for as long as it follows it.
+- ``{prefix}.listen.{hex}``, one exclusive queue per ``listen``, bound with ``{task}.*``
+  (``#`` for every task).
+
+Partials and statuses are pipelined (the publish returns once the frame is written); a
+final waits for the confirms of every earlier event of its task, re-publishes any that
+failed, and is itself confirmed before ``publish`` returns, because the worker acks the
+task right after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
+from aiormq import spec
+from aiormq.abc import DeliveredMessage
+
+from brokers._amqp import (
+    AmqpSettings,
+    connect,
+    connection_name,
+    quietly,
+    raise_if_refused,
+    retrying,
+    send,
+)
+from qtasks.errors import BrokerUnavailableError, MessageDecodeError, QTasksError
+from qtasks.interfaces import ResultStore
+from qtasks.protocol import ResultEvent, decode_result, uuid7_time
+
+log = logging.getLogger("qtasks.rabbitmq")
+
+#: Unconfirmed pipelined publishes per store; past it ``publish`` waits (backpressure).
+MAX_IN_FLIGHT = 1000
+#: Buffers of submitted tasks nobody watches are dropped after this many seconds idle,
+#: beyond this many buffers, or beyond this many events each; a later ``watch`` then
+#: replays the stream instead. Bounded memory whatever the producer does.
+BUFFER_IDLE_S = 300.0
+MAX_BUFFERS = 10_000
+MAX_UNWATCHED_EVENTS = 10_000
+#: Events already read by every watcher are dropped once a buffer holds this many.
+TRIM_AT = 1024
+STREAM_PREFETCH = 1000
+LISTEN_PREFETCH = 1000
+#: A listener that falls this far behind loses its oldest events, not the broker's memory.
+LISTEN_MAX_LENGTH = 100_000
+
+
+def _word(task_id: str) -> str:
+    """The id as one topic word, so that ``{task}.*`` and ``#.{id}`` bindings match."""
+    return task_id.replace(".", "_")
+
+
+def routing_key(task: str, task_id: str) -> str:
+    return f"{task}.{_word(task_id)}"
+
+
+class _Interrupted(Exception):
+    """The connection dropped while reading the stream: start over after reconnecting."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    body: bytes
+    properties: spec.Basic.Properties
+    routing_key: str
+    future: asyncio.Future[Any]
+
+    @property
+    def failed(self) -> bool:
+        return self.future.cancelled() or self.future.exception() is not None
+
+
+class _Buffer:
+    """Events of one task, as they arrive on this process's inbox, for its watchers.
+
+    ``complete``: it holds every event of the task from the first (its submitter called
+    ``expect`` before publishing, and nothing was trimmed), so watching it needs no
+    replay. ``gap``: the connection dropped and the events published meanwhile are still
+    being recovered from the stream; watchers wait. While recovering, live events are
+    ``held`` so that they come after the recovered ones. Each watcher keeps a cursor;
+    events behind every cursor are trimmed.
+    """
+
+    __slots__ = ("bound", "changed", "complete", "cursors", "events", "final", "first", "gap",
+                 "held", "touched")
+
+    def __init__(self, complete: bool, gap: bool) -> None:
+        self.events: list[ResultEvent] = []
+        self.first = 0  # position of events[0] among every event this buffer received
+        self.complete = complete
+        self.gap = gap
+        self.held: list[ResultEvent] | None = [] if gap else None
+        self.changed = asyncio.Event()
+        self.cursors: dict[int, int] = {}
+        self.bound = False
+        self.touched = time.monotonic()
+        self.final: ResultEvent | None = None
+
+    def receive(self, event: ResultEvent) -> None:
+        if self.held is not None:
+            self.held.append(event)
+        else:
+            self.add(event)
+
+    def add(self, event: ResultEvent) -> None:
+        self.events.append(event)
+        self.touched = time.monotonic()
+        if event.kind == "final":
+            self.final = event
+        if not self.cursors and len(self.events) > MAX_UNWATCHED_EVENTS:
+            self.forget(len(self.events))
+        self.wake()
+
+    def recovered(self) -> None:
+        """The gap is filled: what arrived live meanwhile follows the recovered events."""
+        for event in self.held or ():
+            self.add(event)
+        self.held = None
+        self.gap = False
+        self.wake()
+
+    def wake(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def forget(self, count: int) -> None:
+        del self.events[:count]
+        self.first += count
+        self.complete = False
+
+    def trim(self) -> None:
+        if len(self.events) >= TRIM_AT and self.cursors:
+            self.forget(min(self.cursors.values()) - self.first)
+
+
+class _Seen:
+    """Drops events a watcher already yielded (a replay and the inbox overlap)."""
+
+    def __init__(self) -> None:
+        self.partial: tuple[int, int] = (0, -1)
+        self.others: set[tuple[str, int, str | None]] = set()
+
+    def first(self, event: ResultEvent) -> bool:
+        if event.kind == "partial":
+            key = (event.attempt, event.seq)
+            if key <= self.partial:
+                return False
+            self.partial = key
+            return True
+        other = (event.kind, event.attempt, event.status)
+        if other in self.others:
+            return False
+        self.others.add(other)
+        return True
+
+
+class RabbitMQResultStore(ResultStore):
+    """Results over RabbitMQ: ``RabbitMQResultStore("amqp://...?prefix=app&ttl=3600")``."""
+
+    def __init__(self, url: str = "amqp://guest:guest@localhost/", **options: Any) -> None:
+        self.settings = AmqpSettings.parse(url, options)
+        self.url = self.settings.display_url
+        #: As RabbitMQ lists the connection (``rabbitmqctl list_connections``).
+        self.connection_name = connection_name(self.settings, "results")
+        self.ttl = self.settings.ttl
+        self._inbox_name = self.settings.private_queue("reply")
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._inbox: AbstractQueue | None = None
+        self._buffers: dict[str, _Buffer] = {}
+        self._pending: dict[str, deque[_Pending]] = {}
+        self._failed: dict[str, list[_Pending]] = {}
+        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._restored = asyncio.Event()
+        self._inbox_channel: AbstractRobustChannel | None = None
+        self._inbox_up = False
+        self._inbox_losses = 0
+        #: When the connection was lost, until the events of that outage are recovered.
+        self._lost_at: float | None = None
+        self._closed = False
+        self._lock = asyncio.Lock()
+        self._bind_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
+        self._watchers = itertools.count()
+        self._last_sweep = 0.0
+        #: How often the connection was re-established (for logs, metrics and tests).
+        self.reconnects = 0
+
+    def __repr__(self) -> str:
+        return f"<RabbitMQResultStore {self.url} prefix={self.settings.prefix}>"
+
+    @property
+    def reply_address(self) -> str:
+        """The inbox's binding key; the worker puts it in the ``BCC`` header."""
+        return self._inbox_name
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._connection is not None:
+            return
+        async with self._lock:
+            if self._connection is not None:
+                return
+            settings = self.settings
+            connection = await connect(settings, self.connection_name)
+            try:
+                channel = await connection.channel()
+                exchange = await channel.declare_exchange(settings.results_exchange, "topic",
+                                                          durable=True)
+                stream = await channel.declare_queue(
+                    settings.stream_queue, durable=True,
+                    arguments=settings.stream_arguments(), robust=False)
+                await stream.bind(exchange, "#", robust=False)
+            except BaseException as exc:
+                await connection.close()
+                raise_if_refused(exc, settings)
+                raise
+            connection.close_callbacks.add(self._on_lost)
+            connection.reconnect_callbacks.add(self._on_restored)
+            self._channel = channel
+            self._connection = connection
+            self._closed = False
+            self._restored.set()
+
+    async def close(self) -> None:
+        """Wait (up to ``publish_timeout``) for pipelined publishes, then disconnect."""
+        pending = [p.future for queue in self._pending.values() for p in queue]
+        if pending:
+            await asyncio.wait(pending, timeout=self.settings.publish_timeout)
+        self._closed = True
+        for buffer in self._buffers.values():
+            buffer.wake()
+        for task in list(self._background):
+            task.cancel()
+        connection, self._connection = self._connection, None
+        self._inbox = self._inbox_channel = None
+        self._inbox_up = False
+        self._buffers.clear()
+        self._pending.clear()
+        self._failed.clear()
+        if connection is not None:
+            await connection.close()
+
+    def _on_lost(self, _connection: object, _exc: BaseException | None) -> None:
+        self._restored.clear()
+
+    def _on_restored(self, _connection: object) -> None:
+        self._restored.set()
+        self.reconnects += 1
+
+    def _inbox_lost(self, _channel: object, _exc: BaseException | None) -> None:
+        """The inbox channel closed (with the connection, or alone): until it consumes
+        again, what is published reaches only the stream."""
+        if self._closed:
+            return
+        self._inbox_up = False
+        self._inbox_losses += 1
+        if self._lost_at is None:
+            self._lost_at = time.time()
+        for buffer in self._buffers.values():
+            buffer.gap = True
+            if buffer.held is None:
+                # Until the gap is filled, what arrives is held back, to follow the
+                # recovered events.
+                buffer.held = []
+            buffer.wake()
+
+    def _inbox_reopened(self, _channel: object) -> None:
+        self._spawn(self._resume_inbox())
+
+    async def _resume_inbox(self) -> None:
+        """Consume the re-declared inbox again, then fill every buffer's gap with one read
+        of the stream from the moment it was lost (not one replay per watcher)."""
+        losses = self._inbox_losses
+        try:
+            await self._consume_inbox()
+        except Exception as exc:
+            log.warning("could not consume the result inbox again (%s); retrying on the "
+                        "next reconnect", exc)
+            return
+        self._inbox_up = True
+        gapped = {task_id: b for task_id, b in self._buffers.items() if b.gap}
+        lost_at = self._lost_at
+        try:
+            if gapped and lost_at is not None:
+                start = lost_at - self.settings.stream_margin
+                async for event in self._replay(set(gapped), start):
+                    gapped[event.id].add(event)
+        except _Interrupted:
+            return  # lost again: the next reopen recovers from the first loss
+        except Exception:
+            log.exception("recovering results after a reconnect failed; watchers replay")
+            for buffer in gapped.values():
+                buffer.complete = False  # its next watcher replays from the task's start
+        if losses == self._inbox_losses:
+            self._lost_at = None
+        for buffer in gapped.values():
+            buffer.recovered()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _live(self) -> AbstractRobustConnection:
+        if self._closed or self._connection is None:
+            raise QTasksError("the RabbitMQ result store is closed")
+        return self._connection
+
+    # -- publishing --------------------------------------------------------------------
+
+    async def publish(self, event: ResultEvent, body: bytes, reply_to: str | None = None) -> None:
+        await self.start()
+        headers: dict[str, Any] = {"x-qtasks-task": event.task, "x-qtasks-attempt": event.attempt}
+        if reply_to:
+            headers["BCC"] = [reply_to]  # also to the submitter's inbox; stripped on delivery
+        detail = event.seq if event.kind == "partial" else event.status
+        properties = spec.Basic.Properties(
+            delivery_mode=2, content_type="application/json", correlation_id=event.id,
+            message_type=event.kind, app_id="qtasks", headers=headers,
+            message_id=f"{event.id}.{event.attempt}.{event.kind}.{detail}")
+        key = routing_key(event.task, event.id)
+        if event.kind != "final":
+            await self._slots.acquire()
+            # Tasks start in creation order and each writes its frame before yielding, so
+            # pipelined publishes keep their order on the channel.
+            future = asyncio.ensure_future(self._send(body, properties, key))
+            entry = _Pending(body, properties, key, future)
+            self._pending.setdefault(event.id, deque()).append(entry)
+            future.add_done_callback(lambda _: self._confirmed(event.id))
+            return
+        await self._flush(event.id)
+        await retrying(self.settings, f"publishing the final result of task {event.id}",
+                       lambda: self._send(body, properties, key,
+                                          timeout=self.settings.publish_timeout))
+
+    async def _send(self, body: bytes, properties: spec.Basic.Properties, key: str,
+                    timeout: float | None = None) -> None:
+        if self._channel is None:
+            raise QTasksError("the RabbitMQ result store is not started")
+        await send(self._channel, self.settings.results_exchange, key, body, properties,
+                   mandatory=False, timeout=timeout)
+
+    def _confirmed(self, task_id: str) -> None:
+        """Forget confirmed events (in order); keep the ones that failed for ``_flush``."""
+        self._slots.release()
+        queue = self._pending.get(task_id)
+        while queue and queue[0].future.done():
+            entry = queue.popleft()
+            if entry.failed:
+                failed = self._failed.setdefault(task_id, [])
+                if not failed:
+                    log.warning("a pipelined result of task %s was not confirmed (%s); it is "
+                                "sent again before the final", task_id,
+                                "cancelled" if entry.future.cancelled()
+                                else entry.future.exception())
+                failed.append(entry)
+        if queue is not None and not queue:
+            del self._pending[task_id]
+
+    async def _flush(self, task_id: str) -> None:
+        """Every earlier event of the task confirmed; failed ones published again."""
+        queue = self._pending.pop(task_id, None)
+        if queue and not all(p.future.done() for p in queue):
+            # Not confirmed within the timeout counts as failed: sent again (a duplicate
+            # at worst, which readers drop).
+            await asyncio.wait([p.future for p in queue], timeout=self.settings.publish_timeout)
+        failed = self._failed.pop(task_id, [])
+        failed += [entry for entry in queue or () if not entry.future.done() or entry.failed]
+        for entry in failed:
+            await self._resend(task_id, entry)
+
+    async def _resend(self, task_id: str, entry: _Pending) -> None:
+        await retrying(self.settings, f"re-publishing a result of task {task_id}",
+                       lambda: self._send(entry.body, entry.properties, entry.routing_key,
+                                          timeout=self.settings.publish_timeout))
+
+    # -- the inbox -----------------------------------------------------------------------
+
+    async def _ensure_inbox(self) -> AbstractQueue:
+        if self._inbox is not None:
+            return self._inbox
+        async with self._lock:
+            if self._inbox is None:
+                channel = await self._live().channel()
+                # Robust: declared and bound again when the channel reopens, after which
+                # ``_inbox_reopened`` consumes it again.
+                inbox = await channel.declare_queue(self._inbox_name, exclusive=True,
+                                                    auto_delete=True)
+                await inbox.bind(self.settings.results_exchange, self._inbox_name)
+                self._inbox_channel = channel
+                await self._consume_inbox()
+                channel.close_callbacks.add(self._inbox_lost)
+                channel.reopen_callbacks.add(self._inbox_reopened)
+                self._inbox_up = True
+                self._inbox = inbox
+            return self._inbox
+
+    async def _consume_inbox(self) -> None:
+        """With aiormq directly: aio-pika's message wrapper costs more than the rest of
+        handling an event, and a submitter receives two or more per task."""
+        assert self._inbox_channel is not None
+        underlay = await self._inbox_channel.get_underlay_channel()
+        await underlay.basic_consume(self._inbox_name, self._on_inbox, no_ack=True)
+
+    async def _on_inbox(self, message: DeliveredMessage) -> None:
+        task_id = message.header.properties.correlation_id
+        buffer = self._buffers.get(task_id or "")
+        if buffer is None:
+            return  # a task nobody here waits for (any more)
+        try:
+            buffer.receive(decode_result(message.body))
+        except MessageDecodeError as exc:
+            log.error("ignoring an undecodable result of task %s: %s", task_id, exc)
+
+    async def expect(self, task_id: str) -> None:
+        await self.start()
+        await self._ensure_inbox()
+        self._sweep()
+        if task_id not in self._buffers:
+            self._buffers[task_id] = _Buffer(complete=True, gap=not self._inbox_up)
+
+    async def _follow(self, task_id: str) -> _Buffer:
+        """A buffer for a task this process did not submit: its events reach the inbox
+        through a ``#.{id}`` binding, made before the replay starts so nothing falls
+        between the two."""
+        inbox = await self._ensure_inbox()
+        async with self._bind_lock:
+            buffer = self._buffers.get(task_id)
+            if buffer is None:
+                buffer = _Buffer(complete=False, gap=not self._inbox_up)
+                await inbox.bind(self.settings.results_exchange, f"#.{_word(task_id)}")
+                buffer.bound = True
+                self._buffers[task_id] = buffer
+            return buffer
+
+    def _discard(self, task_id: str, buffer: _Buffer) -> None:
+        if self._buffers.get(task_id) is buffer:
+            del self._buffers[task_id]
+        if buffer.bound and self._inbox is not None:
+            buffer.bound = False
+            inbox = self._inbox
+
+            self._spawn(quietly(inbox.unbind(self.settings.results_exchange,
+                                             f"#.{_word(task_id)}")))
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        if now - self._last_sweep < 1.0 and len(self._buffers) <= MAX_BUFFERS:
+            return
+        self._last_sweep = now
+        idle = sorted((b.touched, task_id) for task_id, b in self._buffers.items()
+                      if not b.cursors)
+        excess = len(self._buffers) - MAX_BUFFERS
+        for index, (touched, task_id) in enumerate(idle):
+            if index >= excess and now - touched < BUFFER_IDLE_S:
+                break
+            self._discard(task_id, self._buffers[task_id])
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def watch(self, task_id: str) -> AsyncIterator[ResultEvent]:
+        await self.start()
+        buffer = self._buffers.get(task_id) or await self._follow(task_id)
+        me = next(self._watchers)
+        buffer.cursors[me] = buffer.first
+        seen = _Seen()
+        try:
+            if not (buffer.complete and buffer.first == 0):
+                # Not submitted here (or trimmed): the stream has the events up to now,
+                # the buffer (bound before the replay began) everything after.
+                async for event in self._replay_task(task_id):
+                    if seen.first(event):
+                        if event.kind == "final":
+                            self._discard(task_id, buffer)
+                        yield event
+                        if event.kind == "final":
+                            return
+            while True:
+                self._live()
+                cursor = buffer.cursors[me]
+                if buffer.gap or cursor - buffer.first >= len(buffer.events):
+                    await buffer.changed.wait()
+                    continue
+                event = buffer.events[cursor - buffer.first]
+                buffer.cursors[me] = cursor + 1
+                buffer.trim()
+                if seen.first(event):
+                    if event.kind == "final":
+                        self._discard(task_id, buffer)  # consumed: memory back
+                    yield event
+                    if event.kind == "final":
+                        return
+        finally:
+            buffer.cursors.pop(me, None)
+            if buffer.bound and not buffer.cursors:
+                self._discard(task_id, buffer)
+
+    async def get(self, task_id: str) -> ResultEvent | None:
+        await self.start()
+        buffer = self._buffers.get(task_id)
+        if buffer is not None and buffer.final is not None:
+            return buffer.final
+        latest: ResultEvent | None = None
+        async for event in self._replay_task(task_id):
+            if event.kind != "partial":
+                latest = event
+        return latest
+
+    async def _replay_task(self, task_id: str) -> AsyncIterator[ResultEvent]:
+        """``_replay`` of one task from its id's time, started over (duplicates and all:
+        readers de-duplicate) if the connection drops, for up to ``publish_timeout``."""
+        created = uuid7_time(task_id)
+        start = None if created is None else created - self.settings.stream_margin
+        deadline = time.monotonic() + self.settings.publish_timeout
+        while True:
+            try:
+                async for event in self._replay({task_id}, start):
+                    yield event
+                return
+            except _Interrupted:
+                if time.monotonic() > deadline:
+                    raise BrokerUnavailableError(
+                        f"reading results of task {task_id}: RabbitMQ connection lost") from None
+                while not self._restored.is_set():
+                    self._live()
+                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                        await self._restored.wait()
+
+    async def _replay(self, task_ids: set[str], start: float | None,
+                      ) -> AsyncIterator[ResultEvent]:
+        """The events of ``task_ids`` in the stream, from ``start`` (Unix time; None: the
+        oldest retained) to now.
+
+        "Now" is a probe message this reader appends to the stream after subscribing:
+        when it comes back, every event published before the call has been read. Reading
+        costs every message in that stretch (all tasks'), hence the start from a task id's
+        UUIDv7 time rather than from the beginning.
+        """
+        connection = self._live()
+        offset: Any = "first"
+        if start is not None:
+            offset = datetime.fromtimestamp(max(0.0, start), UTC)
+        probe = f"probe.{uuid.uuid4().hex}"
+        received: asyncio.Queue[DeliveredMessage | None] = asyncio.Queue()
+        channel: AbstractRobustChannel = await connection.channel(publisher_confirms=False)
+        channel.close_callbacks.add(lambda *_: received.put_nowait(None))
+
+        async def receive(message: DeliveredMessage) -> None:
+            received.put_nowait(message)
+
+        try:
+            # aiormq directly (as for the inbox): a replay reads every result message of
+            # its stretch, and aio-pika's wrapper would double the cost of each.
+            underlay = await channel.get_underlay_channel()
+            await underlay.basic_qos(prefetch_count=STREAM_PREFETCH)
+            await underlay.basic_consume(self.settings.stream_queue, receive,
+                                         arguments={"x-stream-offset": offset})
+            await self._probe(probe)
+            unacked = 0
+            while True:
+                message = await received.get()
+                if message is None:
+                    raise _Interrupted
+                unacked += 1
+                if unacked >= STREAM_PREFETCH // 4:  # streams send more once acked
+                    await underlay.basic_ack(message.delivery_tag or 0, multiple=True)
+                    unacked = 0
+                properties = message.header.properties
+                if properties.message_id == probe:
+                    return
+                if properties.correlation_id in task_ids:
+                    try:
+                        event = decode_result(message.body)
+                    except MessageDecodeError as exc:
+                        log.error("skipping an undecodable result of task %s: %s",
+                                  properties.correlation_id, exc)
+                        continue
+                    yield event
+        except _Interrupted:
+            raise
+        except Exception as exc:
+            if self._connection is None or channel.is_closed:
+                raise _Interrupted from exc
+            raise
+        finally:
+            await quietly(channel.close())
+
+    async def _probe(self, probe: str) -> None:
+        channel = self._channel
+        if channel is None:
+            raise QTasksError("the RabbitMQ result store is not started")
+        properties = spec.Basic.Properties(message_id=probe, message_type="probe",
+                                           app_id="qtasks")
+        await retrying(self.settings, "marking the end of a result replay",
+                       lambda: send(channel, "", self.settings.stream_queue, b"", properties,
+                                    mandatory=False, timeout=self.settings.publish_timeout))
+
+    # -- live subscriptions --------------------------------------------------------------
+
+    async def listen(self, task_name: str) -> AsyncIterator[ResultEvent]:
+        await self.start()
+        channel = await self._live().channel()
+        received: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+
+        async def receive(message: AbstractIncomingMessage) -> None:
+            received.put_nowait(message)
+
+        try:
+            await channel.set_qos(prefetch_count=LISTEN_PREFETCH)
+            # Robust: after a reconnect it is declared, bound and consumed again (events
+            # published while the connection was down are not seen: live means live).
+            queue = await channel.declare_queue(
+                self.settings.private_queue("listen"), exclusive=True, auto_delete=True,
+                arguments={"x-max-length": LISTEN_MAX_LENGTH, "x-overflow": "drop-head"})
+            await queue.bind(self.settings.results_exchange,
+                             "#" if task_name == "*" else f"{task_name}.*")
+            tag = await queue.consume(receive)
+        except BaseException:
+            await quietly(channel.close())
+            raise
+        return self._listening(channel, queue, tag, received)
+
+    async def _listening(self, channel: AbstractRobustChannel, queue: AbstractQueue, tag: str,
+                         received: asyncio.Queue[AbstractIncomingMessage],
+                         ) -> AsyncIterator[ResultEvent]:
+        unacked = 0
+        try:
+            while True:
+                message = await received.get()
+                unacked += 1
+                if unacked >= LISTEN_PREFETCH // 4 or received.empty():
+                    with contextlib.suppress(Exception):  # from a channel that has died
+                        await message.ack(multiple=True)
+                    unacked = 0
+                try:
+                    event = decode_result(message.body)
+                except MessageDecodeError as exc:
+                    log.error("skipping an undecodable result event: %s", exc)
+                    continue
+                yield event
+        finally:
+            # Cancelled first, so that the robust channel does not restore the consumer;
+            # the queue (auto-delete) goes with it.
+            if not self._closed:
+                await quietly(queue.cancel(tag))
+                await quietly(queue.delete(if_unused=False, if_empty=False))
+                await quietly(channel.close())
+
+
