@@ -20,7 +20,10 @@ app = QueueTasks()
 def _mark(name: str) -> None:
     directory = os.environ.get("QTASKS_TEST_DIR")
     if directory:
-        Path(directory, name).write_text(str(os.getpid()))
+        # Written aside, then renamed: a test never sees a marker without its content.
+        partial = Path(directory, f".{name}.tmp")
+        partial.write_text(str(os.getpid()))
+        os.replace(partial, Path(directory, name))
 
 
 @app.task
