@@ -1,0 +1,1 @@
+"""QTasks performance harness: ``python -m benchmarks.run`` (see ``benchmarks/README.md``)."""

@@ -1,0 +1,91 @@
+"""Small helpers shared by the harness's processes: statistics, event loop, RSS, output."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+import orjson
+
+T = TypeVar("T")
+
+AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+NATS_URL = os.environ.get("BENCH_NATS_URL", "nats://127.0.0.1:4222")
+
+#: Line prefixes of the protocol between the orchestrator and its child processes.
+READY = "BENCH-READY"
+RESULT = "BENCH-RESULT "
+
+
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` on uvloop when installed and ``QTASKS_UVLOOP`` is not ``0``: the same
+    loop the QTasks CLI worker picks, so that raw and QTasks figures use one kind of loop."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if os.environ.get("QTASKS_UVLOOP", "1") != "0":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
+def loop_name() -> str:
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+
+def rss_mb(pid: int | None = None) -> float:
+    import psutil  # type: ignore[import-untyped]
+
+    return float(psutil.Process(pid or os.getpid()).memory_info().rss) / 1e6
+
+
+def emit_result(data: dict[str, Any]) -> None:
+    """The one line the orchestrator reads from a child process."""
+    sys.stdout.write(RESULT + orjson.dumps(data).decode() + "\n")
+    sys.stdout.flush()
+
+
+def emit_ready() -> None:
+    sys.stdout.write(READY + "\n")
+    sys.stdout.flush()
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty sequence."""
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+async def windowed(count: int, window: int, op: Callable[[int], Awaitable[None]],
+                   deadline: float) -> None:
+    """Run ``op(0) .. op(count-1)`` with at most ``window`` in flight, by ``window``
+    coroutines taking the next index; raise TimeoutError past ``deadline`` (monotonic)."""
+    next_index = 0
+
+    async def lane() -> None:
+        nonlocal next_index
+        while next_index < count:
+            i = next_index
+            next_index += 1
+            await op(i)
+
+    lanes = [asyncio.create_task(lane()) for _ in range(min(window, count))]
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            await asyncio.gather(*lanes)
+    finally:
+        for lane_task in lanes:
+            lane_task.cancel()
