@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 
 import orjson
 
+from qtasks.cli import run as cli_run
+
 T = TypeVar("T")
 
 AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -23,18 +25,9 @@ RESULT = "BENCH-RESULT "
 
 
 def run_loop(main: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run`` on uvloop when installed and ``QTASKS_UVLOOP`` is not ``0``: the same
-    loop the QTasks CLI worker picks, so that raw and QTasks figures use one kind of loop."""
-    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
-    if os.environ.get("QTASKS_UVLOOP", "1") != "0":
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main)
+    """The loop the QTasks CLI worker picks (uvloop unless ``QTASKS_UVLOOP=0``), so that
+    raw and QTasks figures run on one kind of loop."""
+    return cli_run(main)
 
 
 def loop_name() -> str:
