@@ -207,11 +207,14 @@ class Task:
         task goes on."""
         if self.status.finished:
             return self
+        timer = asyncio.timeout(timeout)
         try:
-            async with asyncio.timeout(timeout):
+            async with timer:
                 async for _ in self.events():
                     pass
         except TimeoutError:
+            if not timer.expired():
+                raise  # a backend's own timeout, not this wait running out
             raise TaskTimeoutError(self.id, timeout) from None
         return self
 
