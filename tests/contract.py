@@ -233,6 +233,15 @@ def task_message(queue: str, priority: int = 0, not_before: float | None = None,
     return message, encode(message)
 
 
+async def publish_one(app: QueueTasks, queue: str) -> bytes:
+    """Start ``app``, declare ``queue`` and publish one task on it; its body."""
+    await app.start()
+    await app.broker.declare([queue])
+    message, body = task_message(queue)
+    await app.broker.publish(message, body)
+    return body
+
+
 class BackendContract:
     """Subclass and override ``backend``."""
 
@@ -603,12 +612,9 @@ class BackendContract:
 
     async def test_requeue_and_closed_consumer_redeliver(self, backend: Backend) -> None:
         app, other = backend.app(), backend.app()
-        await app.start()
         await other.start()
         queue = "redeliver"
-        await app.broker.declare([queue])
-        message, body = task_message(queue)
-        await app.broker.publish(message, body)
+        body = await publish_one(app, queue)
         deliveries = Drain(app.broker.consume([queue], prefetch=1))
         delivery = await deliveries.next()
         assert delivery.body == body and not delivery.redelivered
@@ -629,11 +635,8 @@ class BackendContract:
 
     async def test_retry_later_comes_back_after_the_delay(self, backend: Backend) -> None:
         app = backend.app()
-        await app.start()
         queue = "later"
-        await app.broker.declare([queue])
-        message, body = task_message(queue)
-        await app.broker.publish(message, body)
+        body = await publish_one(app, queue)
         deliveries = Drain(app.broker.consume([queue], prefetch=1))
         try:
             delivery = await deliveries.next()
@@ -648,11 +651,8 @@ class BackendContract:
 
     async def test_dead_letter_is_not_redelivered(self, backend: Backend) -> None:
         app = backend.app()
-        await app.start()
         queue = "dead"
-        await app.broker.declare([queue])
-        message, body = task_message(queue)
-        await app.broker.publish(message, body)
+        await publish_one(app, queue)
         deliveries = Drain(app.broker.consume([queue], prefetch=1))
         try:
             delivery = await deliveries.next()
