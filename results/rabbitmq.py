@@ -87,6 +87,10 @@ class _Interrupted(Exception):
     """The connection dropped while reading the stream: start over after reconnecting."""
 
 
+class _LostAgain(Exception):
+    """The inbox was lost again while its events were being recovered."""
+
+
 @dataclass(slots=True)
 class _Pending:
     body: bytes
@@ -314,10 +318,12 @@ class RabbitMQResultStore(ResultStore):
         try:
             if gapped and lost_at is not None:
                 start = lost_at - self.settings.stream_margin
-                async for event in self._replay(set(gapped), start):
+                async for event in self._replay_retrying(set(gapped), start,
+                                                         "recovering results after a reconnect",
+                                                         losses):
                     gapped[event.id].add(event)
-        except _Interrupted:
-            return  # lost again: the next reopen recovers from the first loss
+        except _LostAgain:
+            return  # the next reopen recovers from the first loss
         except Exception:
             log.exception("recovering results after a reconnect failed; watchers replay")
             for buffer in gapped.values():
@@ -537,25 +543,43 @@ class RabbitMQResultStore(ResultStore):
                 latest = event
         return latest
 
-    async def _replay_task(self, task_id: str) -> AsyncIterator[ResultEvent]:
-        """``_replay`` of one task from its id's time, started over (duplicates and all:
-        readers de-duplicate) if the connection drops, for up to ``publish_timeout``."""
+    def _replay_task(self, task_id: str) -> AsyncIterator[ResultEvent]:
+        """The events of one task in the stream, from its id's time."""
         created = uuid7_time(task_id)
         start = None if created is None else created - self.settings.stream_margin
+        return self._replay_retrying({task_id}, start, f"reading results of task {task_id}")
+
+    async def _replay_retrying(self, task_ids: set[str], start: float | None, what: str,
+                               losses: int | None = None) -> AsyncIterator[ResultEvent]:
+        """``_replay``, started over (duplicates and all: readers de-duplicate) when it is
+        interrupted, for up to ``publish_timeout``.
+
+        Interrupted means the connection dropped, or the stream is not readable yet: right
+        after a node restarts, a stream queue answers NOT_FOUND ("home node ... is down")
+        for a moment after clients have reconnected. With ``losses`` given, a new loss of
+        the inbox ends the retries with ``_LostAgain``: its own recovery takes over.
+        """
         deadline = time.monotonic() + self.settings.publish_timeout
+        pause = 0.05
         while True:
             try:
-                async for event in self._replay({task_id}, start):
+                async for event in self._replay(task_ids, start):
                     yield event
                 return
-            except _Interrupted:
-                if time.monotonic() > deadline:
+            except _Interrupted as exc:
+                if losses is not None and losses != self._inbox_losses:
+                    raise _LostAgain from exc
+                if time.monotonic() + pause > deadline:
                     raise BrokerUnavailableError(
-                        f"reading results of task {task_id}: RabbitMQ connection lost") from None
-                while not self._restored.is_set():
-                    self._live()
-                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                        f"{what}: RabbitMQ did not serve the result stream within "
+                        f"{self.settings.publish_timeout:g} s") from exc.__cause__
+                log.debug("%s interrupted (%s); starting over", what, exc.__cause__)
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    while not self._restored.is_set():
+                        self._live()
                         await self._restored.wait()
+                await asyncio.sleep(pause)
+                pause = min(1.0, pause * 2)
 
     async def _replay(self, task_ids: set[str], start: float | None,
                       ) -> AsyncIterator[ResultEvent]:
