@@ -388,6 +388,31 @@ class BackendContract:
             await task.wait(DEADLINE)
         assert task.returning == "v"
 
+    async def test_running_is_announced_before_partials_and_for_long_tasks_only(
+            self, backend: Backend) -> None:
+        """A quick task goes straight to its final (one result message, not two); a
+        generator's ``running`` precedes its first partial; a task that outlives
+        ``running_after`` is seen running while it runs."""
+        producer, worker_app = backend.app(), backend.app()
+        token = uuid7()
+        async with running_worker(worker_app, running_after=1.0):
+            quick = await producer.add_task("add", 1, 2)
+            gen = await producer.add_task("count", 2)
+            slow = await producer.add_task("held", token, "v")
+            async with asyncio.timeout(DEADLINE):
+                quick_events = [(e.kind, e.status) async for e in quick.events()]
+                gen_events = [(e.kind, e.status) async for e in gen.events()]
+                await gate(f"{token}:started").wait()
+                slow_events = Drain(slow.events())
+                first = await slow_events.next()
+                gate(token).set()
+                assert (await slow_events.next()).kind == "final"
+                await slow_events.close()
+        assert quick_events == [("final", "success")]
+        assert gen_events == [("status", "running"), ("partial", None), ("partial", None),
+                              ("final", "success")]
+        assert (first.kind, first.status) == ("status", "running")
+
     async def test_executor_replacement_still_streams(self, backend: Backend) -> None:
         producer, worker_app = backend.app(), backend.app()
         async with running_worker(worker_app):
