@@ -27,7 +27,13 @@ from qtasks import (
 )
 from qtasks.protocol import TaskMessage, encode, uuid7
 from results.nats import NatsResultStore
-from tests.contract import Drain, running_worker
+from tests.contract import (
+    Backend,
+    Drain,
+    redeliver_with_final,
+    running_worker,
+    settled,
+)
 
 DEADLINE = 20.0
 
@@ -73,7 +79,9 @@ def test_names_are_single_safe_tokens() -> None:
     assert broker.subject("x.y") == "p1.tasks.x=2Ey"
     assert broker.consumer("x.y") == "p1_q_x=2Ey"
     store = NatsResultStore("nats://127.0.0.1:4222?prefix=p1")
-    assert store.subject("mod.task", "id-1") == "p1.results.mod=2Etask.id-1"
+    assert store.subject("mod.task", "id-1") == "p1.results._.mod=2Etask.id-1"
+    assert store.subject("t", "id-1", "r.1") == "p1.results.r=2E1.t.id-1"
+    assert store.task_subjects("id-1") == "p1.results.*.*.id-1"
 
 
 def test_secrets_are_redacted() -> None:
@@ -310,3 +318,31 @@ async def test_settling_after_the_connection_died_logs_and_returns(
         await again.ack()
     finally:
         await elsewhere.close()
+
+
+async def test_a_final_left_in_the_bucket_only_is_published_again(
+        nats_url: str, prefix: str) -> None:
+    """The worker died between storing the final in the bucket and publishing it on the
+    stream: the redelivery publishes it on the stream, so that the submitter, which
+    follows the stream, gets it; the task does not run again."""
+    backend = Backend(broker=lambda: NatsBroker(nats_url, prefix=prefix),
+                      results=lambda: NatsResultStore(nats_url, prefix=prefix))
+    try:
+        producer, worker_app = backend.app(), backend.app()
+        task = await producer.add_task("add", 1, 2)
+        store = worker_app.results_store
+        assert isinstance(store, NatsResultStore)
+
+        async def bucket_only(final: Any) -> None:
+            await store.conn.js.publish(store.key_subject(final.id), encode(final))
+
+        await redeliver_with_final(worker_app, task.id, "add", "from the bucket",
+                                   store=bucket_only)
+        assert (await producer.get(task.id)).returning == "from the bucket"  # type: ignore[union-attr]
+        async with running_worker(worker_app) as worker:
+            done = await task.wait(DEADLINE)
+            await settled(worker, 1)
+        assert done.returning == "from the bucket"  # not 3: it did not run again
+    finally:
+        await backend.close()
+        await delete_namespace(nats_url, prefix)

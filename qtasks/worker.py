@@ -235,7 +235,11 @@ class Worker:
             previous = await app.results_store.get(message.id)
             if previous is not None and previous.kind == "final" \
                     and previous.attempt >= message.attempt:
-                await delivery.ack()  # its result is already stored; the ack was lost
+                # Its result is stored and only the ack was lost. The final is published
+                # again (a duplicate at worst, which readers drop): a store that keeps it
+                # in two places may have been left with it in one.
+                await self._publish(previous, message.headers.get("reply_to"))
+                await delivery.ack()
                 return
         await self._run(delivery, message, schema)
 

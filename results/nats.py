@@ -3,9 +3,10 @@
 Layout (all names derive from ``prefix``, see ``docs/nats.md``):
 
 - stream ``{prefix}_RESULTS`` captures ``{prefix}.results.>`` with ``max_age`` = ``ttl``;
-  every event of a task is published on ``{prefix}.results.<task>.<id>`` (both encoded
-  with ``brokers._nats.token``), so one task is one subject and one task name is one
-  wildcard;
+  every event of a task is published on ``{prefix}.results.<reply>.<task>.<id>`` (each
+  encoded with ``brokers._nats.token``; ``<reply>`` is the submitter's ``reply_address``,
+  ``_`` if it gave none), so one task is one subject, one task name one wildcard, and a
+  submitter receives the results of everything it submitted through one subscription;
 - KV bucket ``{prefix}_status`` (stream ``KV_{prefix}_status``) keeps, under the encoded
   task id, the task's newest ``status`` or ``final`` event, for ``get``.
 
@@ -16,6 +17,11 @@ if the connection dropped since they were sent they are published again with a P
 awaited (consumers de-duplicate by ``(attempt, seq)``). The final is published with its
 PubAck awaited, then put in the KV bucket, and only then does ``publish`` return: the
 worker acks the task after that.
+
+The final goes to the bucket first, then to the stream: whoever saw the final in the
+stream (``wait``) finds it with ``get``. A worker that dies between the two leaves the
+task unacked; its redelivery finds the final in the bucket and publishes it again
+(``Nats-Msg-Id`` makes that a no-op if the stream already had it), then acks.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import contextlib
 import datetime
 import logging
 import time
+import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -116,9 +123,16 @@ class _Inbox:
                 await self.sub.unsubscribe()
 
 
+#: Messages the submitter's one results subscription may hold unread before nats-py
+#: reports a slow consumer (then every live watcher replays from the stream instead).
+REPLY_PENDING_MSGS = 1 << 20
+REPLY_PENDING_BYTES = 1 << 30
+
+
 @dataclass
 class _Expectation:
-    """A core subscription to one task's subject, opened before the task was published."""
+    """The events of one submitted task, routed here by the submitter's subscription,
+    which existed before the task was published."""
 
     inbox: _Inbox
     epoch: int
@@ -145,15 +159,31 @@ class NatsResultStore(ResultStore):
         self.stream = f"{self.prefix}_RESULTS"
         self.bucket = f"{self.prefix}_status"
         self._kv: KeyValue | None = None
+        #: Keyed by the encoded task id, as the subject carries it.
         self._expected: OrderedDict[str, _Expectation] = OrderedDict()
+        #: Expectations taken by a ``watch`` (one each: a second watcher replays).
+        self._watched: dict[str, _Inbox] = {}
+        self._reply = uuid.uuid4().hex
+        self._reply_sub: Subscription | None = None
+        self._reply_lock = asyncio.Lock()
         self._unconfirmed: dict[str, _Unconfirmed] = {}
         self._started = False
         self._start_lock = asyncio.Lock()
 
     # -- names ---------------------------------------------------------------------
 
-    def subject(self, task_name: str, task_id: str) -> str:
-        return f"{self.prefix}.results.{token(task_name)}.{token(task_id)}"
+    def subject(self, task_name: str, task_id: str, reply_to: str | None = None) -> str:
+        reply = token(reply_to) if reply_to else "_"
+        return f"{self.prefix}.results.{reply}.{token(task_name)}.{token(task_id)}"
+
+    def task_subjects(self, task_id: str) -> str:
+        """Every event of one task, whoever submitted it."""
+        return f"{self.prefix}.results.*.*.{token(task_id)}"
+
+    @property
+    def reply_address(self) -> str:
+        """This store's token in the subjects of the tasks it submits."""
+        return self._reply
 
     def key_subject(self, task_id: str) -> str:
         return f"$KV.{self.bucket}.{token(task_id)}"
@@ -191,25 +221,32 @@ class NatsResultStore(ResultStore):
         if not self._started:
             return
         self._started = False
-        for task_id in list(self._expected):
-            await self._forget(task_id)
+        self._expected.clear()
+        for inbox in self._watched.values():
+            inbox.break_()
+        sub, self._reply_sub = self._reply_sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
         await self.conn.close()
 
     def _on_reconnect(self) -> None:
-        """Core subscriptions miss what was published while we were away."""
+        """Core subscriptions miss what was published while we were away: live readers
+        replay from the stream instead."""
         for expectation in self._expected.values():
             expectation.inbox.break_()
+        for inbox in self._watched.values():
+            inbox.break_()
 
     def _on_slow_consumer(self, sub: Subscription) -> None:
-        for expectation in self._expected.values():
-            if expectation.inbox.sub is sub:
-                expectation.inbox.break_()
+        if sub is self._reply_sub:
+            self._on_reconnect()  # events were dropped: the same as missing them
 
     # -- publishing ----------------------------------------------------------------
 
     async def publish(self, event: ResultEvent, body: bytes, reply_to: str | None = None) -> None:
         body = self._fit(event, body)
-        subject = self.subject(event.task, event.id)
+        subject = self.subject(event.task, event.id, reply_to)
         if event.kind != "final":
             unconfirmed = self._unconfirmed.get(event.id)
             if unconfirmed is None:
@@ -228,10 +265,10 @@ class NatsResultStore(ResultStore):
             await self._confirm(unconfirmed)
         js = self.conn.js
         headers = {"Nats-Msg-Id": f"{event.id}:{event.attempt}:final"}
-        await self.conn.retry(f"publish the final of {event.id}", lambda: js.publish(
-            subject, body, stream=self.stream, headers=dict(headers)))
         await self.conn.retry(f"store the final of {event.id}", lambda: js.publish(
             self.key_subject(event.id), body))
+        await self.conn.retry(f"publish the final of {event.id}", lambda: js.publish(
+            subject, body, stream=self.stream, headers=dict(headers)))
 
     async def _send(self, subject: str, body: bytes) -> None:
         """Core publish; while the client cannot buffer it (a long outage), wait for a
@@ -283,10 +320,7 @@ class NatsResultStore(ResultStore):
     # -- reading -------------------------------------------------------------------
 
     async def get(self, task_id: str) -> ResultEvent | None:
-        """The bucket's entry; if that is not a final, the last event on the task's
-        subject too, because the final reaches the stream (and so every watcher) one
-        round trip before the bucket: a reader told by ``wait()`` that a task is done
-        must find it done."""
+        """The bucket's entry (a final is in the bucket before it is in the stream)."""
         kv = self._kv
         if kv is None:
             raise RuntimeError("NatsResultStore used before start()")
@@ -294,26 +328,20 @@ class NatsResultStore(ResultStore):
             entry = await self.conn.retry(f"get {task_id}", lambda: kv.get(token(task_id)))
         except nats.js.errors.KeyNotFoundError:
             return None
-        if not entry.value:
-            return None
-        event = decode_result(entry.value)
-        if event.is_final:
-            return event
-        js, subject = self.conn.js, self.subject(event.task, event.id)
-        try:
-            last = await self.conn.retry(f"get {task_id}",
-                                         lambda: js.get_msg(self.stream, subject=subject))
-            newer = decode_result(last.data or b"")
-        except (nats.js.errors.NotFoundError, MessageDecodeError):
-            return event
-        return newer if newer.is_final else event
+        return decode_result(entry.value) if entry.value else None
 
     async def expect(self, task_id: str) -> None:
-        """Subscribe to the task's subject before it is published, so that ``watch`` in
-        this process reads it live instead of replaying the stream. Bounded: an
+        """Route the task's events, which carry this store's ``reply_address``, to a
+        buffer that ``watch`` reads, instead of replaying the stream. Bounded: an
         expectation not watched within ``expect_timeout`` seconds, or beyond the
         ``max_expected`` newest, is dropped (``watch`` then replays)."""
-        if task_id in self._expected:
+        key = token(task_id)
+        if key in self._expected:
+            return
+        try:
+            await self._subscribe_replies()
+        except Exception as exc:  # only a hint: watch() replays from the stream instead
+            log.debug("expect(%s) failed: %s", task_id, exc)
             return
         now = time.monotonic()
         while self._expected:
@@ -321,27 +349,40 @@ class NatsResultStore(ResultStore):
             if len(self._expected) < self.max_expected and \
                     now - oldest.created < self.expect_timeout:
                 break
-            await self._forget(next(iter(self._expected)))
-        inbox = _Inbox()
-        try:
-            inbox.sub = await self.conn.nc.subscribe(
-                f"{self.prefix}.results.*.{token(task_id)}", cb=inbox.put)
-            epoch = self.conn.epoch
-            await self.conn.barrier()  # the server has the subscription before the task
-        except Exception as exc:  # only a hint: watch() replays from the stream instead
-            log.debug("expect(%s) failed: %s", task_id, exc)
-            await inbox.close()
-            return
-        self._expected[task_id] = _Expectation(inbox, epoch, now)
+            self._expected.popitem(last=False)
+        self._expected[key] = _Expectation(_Inbox(), self.conn.epoch, now)
 
-    async def _forget(self, task_id: str) -> None:
-        expectation = self._expected.pop(task_id, None)
-        if expectation is not None:
-            await expectation.inbox.close()
+    async def _subscribe_replies(self) -> None:
+        """One subscription for the results of every task this store submits, active on
+        the server (a PING round trip) before the first of them is published."""
+        if self._reply_sub is not None:
+            return
+        async with self._reply_lock:
+            if self._reply_sub is None:
+                sub = await self.conn.nc.subscribe(
+                    f"{self.prefix}.results.{self._reply}.>", cb=self._on_reply,
+                    pending_msgs_limit=REPLY_PENDING_MSGS,
+                    pending_bytes_limit=REPLY_PENDING_BYTES)
+                try:
+                    await self.conn.barrier()
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+                    raise
+                self._reply_sub = sub
+
+    async def _on_reply(self, msg: Msg) -> None:
+        key = msg.subject.rpartition(".")[2]
+        expectation = self._expected.get(key)
+        inbox = expectation.inbox if expectation is not None else self._watched.get(key)
+        if inbox is not None:
+            await inbox.put(msg)
 
     async def watch(self, task_id: str) -> AsyncIterator[ResultEvent]:
-        expectation = self._expected.pop(task_id, None)
+        key = token(task_id)
+        expectation = self._expected.pop(key, None)
         if expectation is not None:
+            self._watched[key] = expectation.inbox
             try:
                 if expectation.epoch == self.conn.epoch:
                     async for event in expectation.inbox.events():
@@ -349,7 +390,7 @@ class NatsResultStore(ResultStore):
                         if event.is_final:
                             return
             finally:
-                await expectation.inbox.close()
+                del self._watched[key]
             log.debug("live results of %s interrupted; replaying them from the stream", task_id)
         async for event in self._replay(task_id):
             yield event
@@ -368,7 +409,7 @@ class NatsResultStore(ResultStore):
         js = self.conn.js
         inbox = _Inbox(limit=1 << 62)  # flow control bounds what the server sends
         inbox.sub = await self.conn.retry(f"replay {task_id}", lambda: js.subscribe(
-            f"{self.prefix}.results.*.{token(task_id)}", stream=self.stream, cb=inbox.put,
+            self.task_subjects(task_id), stream=self.stream, cb=inbox.put,
             ordered_consumer=True, idle_heartbeat=2.0, config=config))
         try:
             async for event in inbox.events():
@@ -379,7 +420,7 @@ class NatsResultStore(ResultStore):
     async def listen(self, task_name: str) -> AsyncIterator[ResultEvent]:
         name = "*" if task_name == "*" else token(task_name)
         inbox = _Inbox(drop_oldest=True)
-        inbox.sub = await self.conn.nc.subscribe(f"{self.prefix}.results.{name}.*",
+        inbox.sub = await self.conn.nc.subscribe(f"{self.prefix}.results.*.{name}.*",
                                                  cb=inbox.put)
         await self.conn.barrier()  # active on the server when we return
         return _listening(inbox)

@@ -242,6 +242,32 @@ async def publish_one(app: QueueTasks, queue: str) -> bytes:
     return body
 
 
+async def settled(worker: Worker, count: int) -> None:
+    """Until ``worker`` has settled ``count`` deliveries (bounded)."""
+    async with asyncio.timeout(DEADLINE):
+        while worker.processed < count:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)  # the worker has no event for it; bounded
+
+
+async def redeliver_with_final(app: QueueTasks, task_id: str, task: str, returning: Any,
+                               store: Callable[[ResultEvent], Any] | None = None) -> None:
+    """Make the next delivery of the queued task ``task_id`` a redelivery whose final is
+    already stored (what a worker killed between its final and its ack leaves): take it
+    unsettled, store the final (with ``store``, or the app's result store), give it back."""
+    await app.start()
+    deliveries = Drain(app.broker.consume([app.default_queue], prefetch=1))
+    delivery = await deliveries.next()
+    await deliveries.close()
+    now = time.time()
+    final = ResultEvent(kind="final", id=task_id, task=task, status="success",
+                        returning=returning, ts=now, started_at=now, finished_at=now)
+    if store is None:
+        await app.results_store.publish(final, encode(final))
+    else:
+        await store(final)
+    await delivery.requeue()
+
+
 class BackendContract:
     """Subclass and override ``backend``."""
 
@@ -412,6 +438,20 @@ class BackendContract:
         assert gen_events == [("status", "running"), ("partial", None), ("partial", None),
                               ("final", "success")]
         assert (first.kind, first.status) == ("status", "running")
+
+    async def test_redelivered_task_with_a_stored_final_is_not_run_again(
+            self, backend: Backend) -> None:
+        """A worker stored the final and died before its ack: the redelivery is acked
+        without running the task, and the stored final is what the submitter gets."""
+        producer, worker_app = backend.app(), backend.app()
+        token = uuid7()
+        task = await producer.add_task("record", token)
+        await redeliver_with_final(worker_app, task.id, "record", "stored")
+        async with running_worker(worker_app) as worker:
+            done = await task.wait(DEADLINE)
+            await settled(worker, 1)
+        assert (done.status, done.returning) == (TaskStatus.SUCCESS, "stored")
+        assert token not in CALLS
 
     async def test_executor_replacement_still_streams(self, backend: Backend) -> None:
         producer, worker_app = backend.app(), backend.app()
