@@ -23,6 +23,7 @@ from qtasks import (
     TaskStatus,
     Worker,
 )
+from qtasks.protocol import ResultEvent, encode
 from qtasks.registry import broker_from_url, redact, results_from_url
 from results.memory import MemoryResultStore
 
@@ -201,3 +202,17 @@ async def test_wait_reports_a_backend_timeout_as_it_is() -> None:
     with pytest.raises(TimeoutError, match="backend gave up") as raised:
         await Task(id="x", name="t", app=app).wait(timeout=None)
     assert not isinstance(raised.value, TaskTimeoutError)
+
+
+async def test_memory_store_keeps_at_most_max_tasks_finished_tasks() -> None:
+    """The embedded store lives in the app's process: its finished tasks are bounded
+    (oldest final first), so a long-running single-process app stays flat."""
+    store = MemoryResultStore("memory://?max_tasks=3")
+    ids = [f"t{i}" for i in range(5)]
+    for task_id in ids:
+        final = ResultEvent(kind="final", id=task_id, task="t", status="success", returning=1)
+        await store.publish(final, encode(final))
+    assert [await store.get(task_id) is not None for task_id in ids] == \
+        [False, False, True, True, True]
+    with pytest.raises(ConfigurationError, match="max_tasks"):
+        MemoryResultStore("memory://?max_tasks=0")
