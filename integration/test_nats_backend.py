@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 from brokers._nats import parse_url, redact, token
 from brokers.nats import NatsBroker
 from integration.nats_support import delete_namespace, private_server
+from integration.tls_support import certificates
 from qtasks import (
     BrokerUnavailableError,
     ConfigurationError,
@@ -117,24 +117,10 @@ async def test_a_server_without_jetstream_is_a_clear_error(tmp_path: Path) -> No
         await broker.close()
 
 
-def _certificates(directory: Path) -> tuple[str, str, str]:
-    """A throw-away CA and a server certificate for 127.0.0.1: (ca, cert, key) paths."""
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
-
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
-        "-subj", "/CN=qtasks test CA")
-    run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
-    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "server.pem", "-days", "1", "-extfile", "san.ext")
-    return tuple(str(directory / name) for name in ("ca.pem", "server.pem", "server.key"))  # type: ignore[return-value]
-
-
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 async def test_tls_with_a_private_ca(tmp_path: Path) -> None:
-    ca, cert, key = await asyncio.to_thread(_certificates, tmp_path)
+    certs = await asyncio.to_thread(certificates, tmp_path)
+    ca, cert, key = certs.ca, certs.server_cert, certs.server_key
     with private_server(str(tmp_path), f'tls {{ cert_file: "{cert}", key_file: "{key}" }}') \
             as port:
         url = f"tls://127.0.0.1:{port}?tls_ca={ca}"
