@@ -176,6 +176,9 @@ class Connection:
         self._closing = False
         self.last_error: Exception | None = None
         self._barrier: asyncio.Task[None] | None = None
+        #: Set once ``start`` has connected and declared; cleared by ``close``.
+        self.started = False
+        self._start_lock = asyncio.Lock()
 
     @property
     def js(self) -> JetStreamContext:
@@ -217,6 +220,23 @@ class Connection:
         self.nc = nc
         self._js = nc.jetstream(timeout=5.0)
 
+    async def start(self, declare: Callable[[], Awaitable[None]]) -> None:
+        """Connect and run ``declare`` (streams, buckets) once, whoever calls first.
+        If either fails, the connection is closed (no client left reconnecting in the
+        background) and the next call tries again."""
+        if self.started:
+            return  # the hot path: publishers call this before every publish
+        async with self._start_lock:
+            if self.started:
+                return
+            try:
+                await self.open()
+                await declare()
+            except BaseException:
+                await self.close()
+                raise
+            self.started = True
+
     async def barrier(self, timeout: float = 5.0) -> None:
         """Return once the server has processed everything sent on this connection so far
         (a PING/PONG). Concurrent callers share one PING: each joins the next PING not yet
@@ -232,6 +252,7 @@ class Connection:
 
     async def close(self) -> None:
         """Flush what is buffered, then close."""
+        self.started = False
         if self.nc.is_closed:
             return
         self._closing = True

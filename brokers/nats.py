@@ -395,8 +395,6 @@ class NatsBroker(Broker):
         self.unsettled: set[NatsDelivery] = set()
         self._consumers: set[str] = set()
         self._consumptions: set[_Consumption] = set()
-        self._started = False
-        self._start_lock = asyncio.Lock()
 
     # -- names ---------------------------------------------------------------------
 
@@ -412,17 +410,9 @@ class NatsBroker(Broker):
     # -- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        async with self._start_lock:
-            if self._started:
-                return
-            try:
-                await self._start()
-            except BaseException:
-                await self.conn.close()  # no client left reconnecting in the background
-                raise
+        await self.conn.start(self._declare)
 
-    async def _start(self) -> None:
-        await self.conn.open()
+    async def _declare(self) -> None:
         self.max_message_size = self.conn.max_payload - HEADER_RESERVE
         storage, replicas = StorageType.FILE, self.replicas
         await self.conn.ensure_stream(StreamConfig(
@@ -433,12 +423,10 @@ class NatsBroker(Broker):
             name=self.dead_stream, subjects=[f"{self.prefix}.dead.>"], storage=storage,
             num_replicas=replicas, max_age=self.dead_letter_ttl or None,
             description="QTasks dead letters: original body, reason in headers"))
-        self._started = True
 
     async def close(self) -> None:
-        if not self._started:
+        if not self.conn.started:
             return
-        self._started = False
         for consumption in list(self._consumptions):
             await consumption.stop()
         for delivery in list(self.unsettled):

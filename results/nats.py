@@ -167,8 +167,6 @@ class NatsResultStore(ResultStore):
         self._reply_sub: Subscription | None = None
         self._reply_lock = asyncio.Lock()
         self._unconfirmed: dict[str, _Unconfirmed] = {}
-        self._started = False
-        self._start_lock = asyncio.Lock()
 
     # -- names ---------------------------------------------------------------------
 
@@ -191,17 +189,9 @@ class NatsResultStore(ResultStore):
     # -- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        async with self._start_lock:
-            if self._started:
-                return
-            try:
-                await self._start()
-            except BaseException:
-                await self.conn.close()  # no client left reconnecting in the background
-                raise
+        await self.conn.start(self._declare)
 
-    async def _start(self) -> None:
-        await self.conn.open()
+    async def _declare(self) -> None:
         window = min(120.0, self.ttl)
         await self.conn.ensure_stream(StreamConfig(
             name=self.stream, subjects=[f"{self.prefix}.results.>"], max_age=self.ttl,
@@ -215,12 +205,10 @@ class NatsResultStore(ResultStore):
             description="QTasks latest status of each task"))
         self._kv = await self.conn.retry("open KV bucket",
                                          lambda: self.conn.js.key_value(self.bucket))
-        self._started = True
 
     async def close(self) -> None:
-        if not self._started:
+        if not self.conn.started:
             return
-        self._started = False
         self._expected.clear()
         for inbox in self._watched.values():
             inbox.break_()
