@@ -151,7 +151,8 @@ class NatsResultStore(ResultStore):
         self.prefix: str = self.options["prefix"]
         self.ttl = number(self.options, "ttl", 24 * 3600.0)
         self.expect_timeout = number(self.options, "expect_timeout", 300.0)
-        self.max_expected = int(number(self.options, "max_expected", 10_000))
+        # No subscription per task any more: a buffer costs well under 1 KB.
+        self.max_expected = int(number(self.options, "max_expected", 100_000))
         self.replicas = int(number(self.options, "replicas", 1))
         self.conn = Connection(url, servers, self.options, "results")
         self.conn.reconnect_listeners.append(self._on_reconnect)
