@@ -25,7 +25,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -35,8 +35,9 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import ChannelClosed, PublishError
+from aio_pika.exceptions import ChannelClosed, ChannelInvalidStateError, PublishError
 from aiormq import spec
+from aiormq.abc import AbstractChannel, DeliveredMessage
 
 from brokers._amqp import (
     DELAY_QUEUE_IDLE_MS,
@@ -66,32 +67,98 @@ _MANAGED = {"x-death", "x-first-death-exchange", "x-first-death-queue",
             "x-first-death-reason", "x-delivery-count"}
 
 
-def _alive(message: AbstractIncomingMessage) -> bool:
-    """Whether the channel ``message`` came on is still open (its delivery tag valid)."""
-    try:
-        return not message.channel.is_closed
-    except Exception:
-        return False
-
-
-def _copy(message: AbstractIncomingMessage, **headers: Any) -> spec.Basic.Properties:
+def _copy(properties: spec.Basic.Properties, **headers: Any) -> spec.Basic.Properties:
     """The same properties (body unchanged), for moving a message to another queue."""
-    kept = {k: v for k, v in (message.headers or {}).items() if k not in _MANAGED}
+    kept = {k: v for k, v in (properties.headers or {}).items() if k not in _MANAGED}
     kept.update(headers)
     return spec.Basic.Properties(
-        headers=kept, content_type=message.content_type,
-        content_encoding=message.content_encoding, delivery_mode=2,
-        priority=message.priority, correlation_id=message.correlation_id,
-        reply_to=message.reply_to, message_id=message.message_id,
-        timestamp=message.timestamp, message_type=message.type, app_id=message.app_id,
+        headers=kept, content_type=properties.content_type,
+        content_encoding=properties.content_encoding, delivery_mode=2,
+        priority=properties.priority, correlation_id=properties.correlation_id,
+        reply_to=properties.reply_to, message_id=properties.message_id,
+        timestamp=properties.timestamp, message_type=properties.message_type,
+        app_id=properties.app_id,
     )
 
 
-def _header_int(message: AbstractIncomingMessage, name: str) -> int:
+def _tag(message: DeliveredMessage) -> int:
+    return message.delivery.delivery_tag or 0  # type: ignore[union-attr]  # a Deliver
+
+
+def _header_int(properties: spec.Basic.Properties, name: str) -> int:
     try:
-        return int((message.headers or {}).get(name) or 0)  # type: ignore[arg-type]
+        return int((properties.headers or {}).get(name) or 0)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return 0
+
+
+class _Acks:
+    """Settlements of the deliveries of one (aiormq) channel, acks batched.
+
+    An ack is not sent at once: the acks of one event-loop iteration go out together, as
+    one ``basic.ack`` with ``multiple`` for the longest run of settled deliveries from the
+    oldest outstanding one, plus one plain ``basic.ack`` for each settled delivery behind
+    one that is still running (so a long task never holds the acks of quick ones, which
+    would count against the prefetch). A delivery leaves ``outstanding`` only once its
+    settlement is written, so a ``multiple`` ack never covers a delivery whose task has
+    not finished or whose requeue or reject is not yet on the wire.
+    """
+
+    def __init__(self, channel: AbstractChannel) -> None:
+        self.channel = channel
+        #: Delivery tags received and not yet settled on the wire.
+        self.outstanding: set[int] = set()
+        #: Of those, the ones to ack.
+        self.done: set[int] = set()
+        self.sending: asyncio.Future[None] | None = None
+
+    def check(self) -> None:
+        """Raise if the channel died: its delivery tags mean nothing on the next one."""
+        if self.channel.is_closed:
+            raise ChannelInvalidStateError(f"{self.channel!r} closed")
+
+    def ack(self, tag: int) -> None:
+        self.check()
+        self.done.add(tag)
+        if self.sending is None:
+            # Runs on the next loop iteration: what other tasks ack meanwhile joins it.
+            self.sending = asyncio.ensure_future(self._send())
+
+    async def settle(self, tag: int, requeue: bool, reject: bool = False) -> None:
+        """Requeue or reject (to RabbitMQ's dead-lettering) one delivery, written at once."""
+        self.check()
+        if reject:
+            await self.channel.basic_reject(tag, requeue=requeue)
+        else:
+            await self.channel.basic_nack(tag, requeue=requeue)
+        self.outstanding.discard(tag)
+
+    def _batch(self) -> list[tuple[int, bool]]:
+        """(tag, multiple) acks for everything in ``done``, which is then forgotten."""
+        running = self.outstanding - self.done
+        first_running = min(running) if running else None
+        run = [t for t in self.done if first_running is None or t < first_running]
+        acks = [(max(run), True)] if run else []
+        acks += [(t, False) for t in sorted(self.done.difference(run))]
+        self.outstanding -= self.done
+        self.done.clear()
+        return acks
+
+    async def _send(self) -> None:
+        try:
+            while acks := self._batch():
+                for tag, multiple in acks:
+                    await self.channel.basic_ack(tag, multiple=multiple)
+        except Exception as exc:
+            log.warning("could not ack task messages (%s: %s); RabbitMQ will hand them out "
+                        "again", type(exc).__name__, exc)
+        finally:
+            self.sending = None
+
+    async def flush(self) -> None:
+        """Wait until every ack made so far is written."""
+        while self.sending is not None:
+            await asyncio.shield(self.sending)
 
 
 class RabbitMQDelivery(Delivery):
@@ -102,12 +169,15 @@ class RabbitMQDelivery(Delivery):
     delivery tag means nothing on the new channel.
     """
 
-    def __init__(self, broker: RabbitMQBroker, queue: str, message: AbstractIncomingMessage,
-                 redelivered: bool, on_settled: Callable[[], None]) -> None:
+    def __init__(self, broker: RabbitMQBroker, queue: str, message: DeliveredMessage,
+                 acks: _Acks, redelivered: bool, on_settled: Callable[[], None]) -> None:
         self.body = message.body
         self.redelivered = redelivered
         self.queue = queue
         self.message = message
+        self.properties: spec.Basic.Properties = message.header.properties
+        self._tag = _tag(message)
+        self._acks = acks
         self._broker = broker
         self._on_settled = on_settled
         self._received = time.monotonic()
@@ -115,31 +185,36 @@ class RabbitMQDelivery(Delivery):
         self._warned = False
 
     async def ack(self) -> None:
-        await self._settle("ack", self.message.ack)
+        await self._settle("ack", self._ack)
+
+    async def _ack(self) -> None:
+        self._acks.ack(self._tag)
 
     async def requeue(self) -> None:
-        await self._settle("requeue", lambda: self.message.nack(requeue=True))
+        await self._settle("requeue", lambda: self._acks.settle(self._tag, requeue=True))
 
     async def retry_later(self, delay: float) -> None:
         async def move() -> None:
             # Rounded up: this must never come back early (3 digits: at most 1 % late).
             ttl = delay_bucket_ms(delay, digits=3, up=True)
-            await self._broker.publish_delayed(self.queue, ttl, self.body, _copy(self.message))
-            await self.message.ack()
+            await self._broker.publish_delayed(self.queue, ttl, self.body,
+                                               _copy(self.properties))
+            self._acks.ack(self._tag)
 
-        await self._settle("delay", move, fallback=lambda: self.message.nack(requeue=True))
+        await self._settle("delay", move,
+                           fallback=lambda: self._acks.settle(self._tag, requeue=True))
 
     async def dead_letter(self, reason: str) -> None:
         async def move() -> None:
             await self._broker.publish_dead(self.queue, self.body, _copy(
-                self.message, **{REASON: reason[:4000], ORIGIN: self.queue,
-                                 "x-qtasks-dead-at": int(time.time())}))
-            await self.message.ack()
+                self.properties, **{REASON: reason[:4000], ORIGIN: self.queue,
+                                    "x-qtasks-dead-at": int(time.time())}))
+            self._acks.ack(self._tag)
 
         # If the copy cannot be published, RabbitMQ's own dead-lettering still keeps the
         # message (with an x-death header instead of our reason).
-        await self._settle("dead-letter", move,
-                           fallback=lambda: self.message.reject(requeue=False))
+        await self._settle("dead-letter", move, fallback=lambda: self._acks.settle(
+            self._tag, requeue=False, reject=True))
 
     async def keep_alive(self) -> None:
         """RabbitMQ leases a delivery for as long as the channel lives, except that 3.10
@@ -153,7 +228,7 @@ class RabbitMQDelivery(Delivery):
                 "task message %s has run %.1f s; RabbitMQ closes the channel at its "
                 "consumer_timeout (%.1f s) and hands the task to another worker: raise "
                 "consumer_timeout in rabbitmq.conf (see docs/rabbitmq.md)",
-                self.message.message_id, held, limit)
+                self.properties.message_id, held, limit)
 
     async def _settle(self, what: str, operation: Callable[[], Awaitable[Any]],
                       fallback: Callable[[], Awaitable[Any]] | None = None) -> None:
@@ -164,14 +239,14 @@ class RabbitMQDelivery(Delivery):
             try:
                 await operation()
             except Exception as exc:
-                if fallback is None or not _alive(self.message):
+                if fallback is None or self._acks.channel.is_closed:
                     raise
                 log.warning("could not %s task message %s (%s); falling back", what,
-                            self.message.message_id, exc)
+                            self.properties.message_id, exc)
                 await fallback()
         except Exception as exc:
             log.warning("could not %s task message %s from %s (%s: %s); RabbitMQ will hand "
-                        "it out again", what, self.message.message_id, self.queue,
+                        "it out again", what, self.properties.message_id, self.queue,
                         type(exc).__name__, exc)
         finally:
             self._on_settled()
@@ -179,13 +254,19 @@ class RabbitMQDelivery(Delivery):
 
 class _Consumer:
     """One ``consume()`` call: its channel and QoS, a consumer per queue, the messages
-    received but not yet handed out, and how many handed out are still unsettled."""
+    received but not yet handed out, and how many handed out are still unsettled.
+
+    It consumes with aiormq directly: aio-pika's message wrapper costs more than the rest
+    of receiving a task. So the consumers are not restored by aio-pika: ``_subscribe``
+    runs again when the robust channel reopens (QoS and queues are restored by it).
+    """
 
     def __init__(self, broker: RabbitMQBroker, queues: Sequence[str], prefetch: int) -> None:
         self.broker = broker
         self.queues = list(queues)
         self.prefetch = max(1, min(prefetch, 65535))
-        self.inbox: asyncio.Queue[tuple[str, AbstractIncomingMessage] | None] = asyncio.Queue()
+        self.inbox: asyncio.Queue[tuple[str, DeliveredMessage, _Acks] | None] = \
+            asyncio.Queue()
         # The client-side bound: with several quorum queues RabbitMQ can only limit each
         # consumer, so the worker must not run more than ``prefetch`` at once by itself.
         self.slots = asyncio.Semaphore(self.prefetch)
@@ -193,30 +274,63 @@ class _Consumer:
         self.stopped = False
         self.closed = False
         self.channel: AbstractRobustChannel | None = None
-        self.consumers: list[tuple[AbstractQueue, str]] = []
+        #: The settlements of the current underlying channel, and its consumer tags.
+        self.acks: _Acks | None = None
+        self.tags: list[str] = []
         self.closing: asyncio.Future[None] | None = None
+        self.cancelled: asyncio.Future[None] | None = None
 
     async def open(self, connection: AbstractRobustConnection) -> None:
         settings = self.broker.settings
         self.channel = channel = await connection.channel()
         channel.close_callbacks.add(self._on_close)
+        channel.reopen_callbacks.add(self._on_reopen)
         # Per consumer by default; per channel (exact for several queues) where the queue
         # type allows it (quorum queues refuse a global QoS).
         shared = len(self.queues) > 1 and settings.queue_type == "classic"
         await channel.set_qos(prefetch_count=self.prefetch, global_=shared)
         for name in self.queues:
-            queue = await channel.declare_queue(
-                settings.work_queue(name), durable=True,
-                arguments=settings.work_queue_arguments())
-            tag = await queue.consume(self._receiver(name))
-            self.consumers.append((queue, tag))
+            await channel.declare_queue(settings.work_queue(name), durable=True,
+                                        arguments=settings.work_queue_arguments())
+        await self._subscribe()
 
-    def _receiver(self, name: str) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
-        async def receive(message: AbstractIncomingMessage) -> None:
+    async def _subscribe(self) -> None:
+        assert self.channel is not None
+        underlay = await self.channel.get_underlay_channel()
+        acks = _Acks(underlay)
+        self.acks, self.tags = acks, []
+        underlay.on_consumer_cancel_callbacks.add(self._on_cancel)
+        for name in self.queues:
+            ok = await underlay.basic_consume(self.broker.settings.work_queue(name),
+                                              self._receiver(name, acks))
+            self.tags.append(ok.consumer_tag or "")
+
+    async def _on_reopen(self, _channel: object) -> None:
+        if self.stopped:
+            return
+        try:
+            await self._subscribe()
+        except Exception as exc:
+            log.warning("could not consume again after the channel reopened (%s: %s); "
+                        "retrying on the next reconnect", type(exc).__name__, exc)
+
+    def _on_cancel(self, _frame: object) -> None:
+        """RabbitMQ cancelled a consumer (its queue was deleted, or a quorum queue lost
+        its leader): closing the channel makes the robust channel reopen it, which declares
+        the queues again and calls ``_subscribe`` (unacked deliveries are redelivered)."""
+        if not self.stopped and self.acks is not None:
+            log.warning("RabbitMQ cancelled the task consumer; consuming again")
+            # Not awaited here: this runs in the channel's reader, which the close needs.
+            self.cancelled = asyncio.ensure_future(quietly(self.acks.channel.close()))
+
+    def _receiver(self, name: str, acks: _Acks,
+                  ) -> Callable[[DeliveredMessage], Coroutine[Any, Any, None]]:
+        async def receive(message: DeliveredMessage) -> None:
+            acks.outstanding.add(_tag(message))
             if self.stopped:
-                await quietly(message.nack(requeue=True))
+                await quietly(acks.settle(_tag(message), requeue=True))
                 return
-            self.inbox.put_nowait((name, message))
+            self.inbox.put_nowait((name, message, acks))
 
         return receive
 
@@ -237,14 +351,15 @@ class _Consumer:
             item = await self.inbox.get()
             if item is None:
                 return None  # the broker was closed
-            name, message = item
-            if not _alive(message):
+            name, message, acks = item
+            if acks.channel.is_closed:
                 continue  # its channel died: RabbitMQ has put it back already
-            delivery = await self._admit(name, message)
+            delivery = await self._admit(name, message, acks)
             if delivery is not None:
                 return delivery
 
-    async def _admit(self, name: str, message: AbstractIncomingMessage) -> RabbitMQDelivery | None:
+    async def _admit(self, name: str, message: DeliveredMessage,
+                     acks: _Acks) -> RabbitMQDelivery | None:
         """The delivery to hand out, or None when a redelivered classic-queue message was
         counted (re-published with its count) or is over ``delivery_limit``.
 
@@ -254,14 +369,16 @@ class _Consumer:
         ``delivery_limit`` runs instead of circulating forever.
         """
         settings = self.broker.settings
-        count = _header_int(message, REDELIVERIES)
-        if settings.queue_type == "quorum" or not message.redelivered:
-            return RabbitMQDelivery(self.broker, name, message,
-                                    message.redelivered or count > 0, self._settled)
-        internal = RabbitMQDelivery(self.broker, name, message, True, lambda: None)
+        properties = message.header.properties
+        count = _header_int(properties, REDELIVERIES)
+        redelivered = bool(message.redelivered)
+        if settings.queue_type == "quorum" or not redelivered:
+            return RabbitMQDelivery(self.broker, name, message, acks,
+                                    redelivered or count > 0, self._settled)
+        internal = RabbitMQDelivery(self.broker, name, message, acks, True, lambda: None)
         if count + 1 >= settings.delivery_limit:
             log.error("dead-lettering task message %s: delivered %d times (delivery_limit)",
-                      message.message_id, count + 1)
+                      properties.message_id, count + 1)
             await internal.dead_letter(
                 f"redelivery limit: delivered {count + 1} times without being settled "
                 f"(delivery_limit={settings.delivery_limit})")
@@ -269,11 +386,11 @@ class _Consumer:
 
         async def count_it() -> None:
             await self.broker.publish_raw(settings.tasks_exchange, name, message.body,
-                                          _copy(message, **{REDELIVERIES: count + 1}))
-            await message.ack()
+                                          _copy(properties, **{REDELIVERIES: count + 1}))
+            await internal._ack()
 
         await internal._settle("count the redelivery of", count_it,
-                               fallback=lambda: message.nack(requeue=True))
+                               fallback=internal.requeue)
         return None
 
     def _settled(self) -> None:
@@ -286,15 +403,21 @@ class _Consumer:
         """Stop consuming; what was received but not handed out goes back at once. The
         channel stays open until every delivery handed out is settled."""
         self.stopped = True
-        if not self.closed:
-            for queue, tag in self.consumers:
-                await quietly(queue.cancel(tag))
+        if not self.closed and self.acks is not None:
+            for tag in self.tags:
+                await quietly(self.acks.channel.basic_cancel(tag))
         while not self.inbox.empty():
             item = self.inbox.get_nowait()
-            if item is not None and _alive(item[1]):
-                await quietly(item[1].nack(requeue=True))
+            if item is not None:
+                _, message, acks = item
+                await quietly(acks.settle(_tag(message), requeue=True))
         if self.unsettled == 0:
             await self._close_channel()
+
+    async def flush(self) -> None:
+        """Write the acks not written yet (before the channel or connection closes)."""
+        if self.acks is not None:
+            await quietly(self.acks.flush())
 
     def close_now(self) -> None:
         """The broker is closing: end the ``consume()`` iterator wherever it waits."""
@@ -306,6 +429,7 @@ class _Consumer:
         channel, self.channel = self.channel, None
         self.broker.consumers.discard(self)
         if channel is not None and not channel.is_closed and not self.closed:
+            await self.flush()
             await quietly(channel.close())
 
 
@@ -379,6 +503,7 @@ class RabbitMQBroker(Broker):
 
     async def close(self) -> None:
         for consumer in list(self.consumers):
+            await consumer.flush()  # the acks made so far, before the connection goes
             consumer.close_now()
         connection, self._connection = self._connection, None
         self._declared.clear()
@@ -563,7 +688,7 @@ class RabbitMQBroker(Broker):
                 letter = _dead_letter(message)
                 if wanted is not None and letter.ref not in wanted:
                     continue  # left unacked: back in the dead queue when the channel closes
-                copy = _copy(message)
+                copy = _copy(message.properties)
                 headers = copy.headers or {}
                 for name in list(headers):
                     if name.startswith("x-qtasks-") and name not in ("x-qtasks-task",

@@ -239,6 +239,62 @@ async def test_settling_after_the_server_closed_the_channel_is_logged_and_redeli
         await broker.close()
 
 
+async def _published(broker: RabbitMQBroker, count: int) -> list[bytes]:
+    bodies = []
+    for _ in range(count):
+        message = TaskMessage(id=uuid7(), task="add", queue="default")
+        bodies.append(encode(message))
+        await broker.publish(message, bodies[-1])
+    return bodies
+
+
+async def test_acks_batched_on_close_are_sent_and_not_redelivered(namespace: Namespace) -> None:
+    """Acks go out once per loop iteration; a broker closed right after them sends them
+    first."""
+    broker = RabbitMQBroker(namespace.url)
+    try:
+        await broker.start()
+        await _published(broker, 5)
+        deliveries = Drain(broker.consume(["default"], prefetch=5))
+        handed_out = [await deliveries.next() for _ in range(5)]
+        for delivery in handed_out:
+            await delivery.ack()
+    finally:
+        await broker.close()  # at once: the acks are not written yet
+    await deliveries.close()
+    again = RabbitMQBroker(namespace.url)
+    try:
+        await again.start()
+        deliveries = Drain(again.consume(["default"], prefetch=5))
+        assert await deliveries.nothing_within(0.5)
+        await deliveries.close()
+    finally:
+        await again.close()
+
+
+async def test_a_batch_of_acks_never_covers_an_unfinished_task(namespace: Namespace) -> None:
+    """Deliveries 2 and 3 are acked while 1 still runs: when the connection is lost,
+    RabbitMQ hands out 1 again, and only 1."""
+    broker = RabbitMQBroker(namespace.url)
+    try:
+        await broker.start()
+        bodies = await _published(broker, 3)
+        deliveries = Drain(broker.consume(["default"], prefetch=3))
+        first, second, third = [await deliveries.next() for _ in range(3)]
+        assert [first.body, second.body, third.body] == bodies
+        await second.ack()
+        await third.ack()
+        await asyncio.sleep(0.2)  # the acks are written on the next loop iteration
+        await asyncio.to_thread(close_connection, broker.connection_name)
+        again = await deliveries.next()
+        assert again.body == bodies[0] and again.redelivered
+        await again.ack()
+        assert await deliveries.nothing_within(0.5)
+        await deliveries.close()
+    finally:
+        await broker.close()
+
+
 async def test_watch_recovers_what_was_published_while_its_connection_was_down(
         namespace: Namespace) -> None:
     writer, reader = namespace.app(), namespace.app()
