@@ -39,6 +39,7 @@ class MemoryHub:
         self.dead: list[DeadLetter] = []
         self.order = itertools.count()
         self.changed: asyncio.Condition | None = None
+        self.control: set[asyncio.Queue[bytes]] = set()
 
     def condition(self) -> asyncio.Condition:
         if self.changed is None:
@@ -175,6 +176,15 @@ class MemoryBroker(Broker):
             self.unsettled.add(delivery)
             yield delivery
 
+    async def broadcast(self, body: bytes) -> None:
+        for subscriber in self.hub.control:
+            subscriber.put_nowait(body)
+
+    async def control(self) -> AsyncIterator[bytes]:
+        received: asyncio.Queue[bytes] = asyncio.Queue()
+        self.hub.control.add(received)
+        return _control(received, self.hub.control)
+
     async def inspect(self, queues: Sequence[str]) -> list[QueueStats]:
         in_flight: dict[str, int] = {}
         for delivery in self.unsettled:
@@ -195,3 +205,12 @@ class MemoryBroker(Broker):
         count = len(self.hub.dead)
         self.hub.dead.clear()
         return count
+
+
+async def _control(received: asyncio.Queue[bytes],
+                   subscribers: set[asyncio.Queue[bytes]]) -> AsyncIterator[bytes]:
+    try:
+        while True:
+            yield await received.get()
+    finally:
+        subscribers.discard(received)

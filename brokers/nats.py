@@ -516,6 +516,30 @@ class NatsBroker(Broker):
             lambda: js.publish(f"{self.prefix}.dead.{token(queue)}", msg.data,
                                stream=self.dead_stream, headers=dict(headers)))
 
+    # -- control (cancel requests) ---------------------------------------------------
+
+    @property
+    def control_subject(self) -> str:
+        return f"{self.prefix}.control"
+
+    async def broadcast(self, body: bytes) -> None:
+        """A core publish (workers listening now get it; nothing stores it), flushed
+        with a PING so that the server has it when this returns."""
+        await self.start()
+        await self.conn.nc.publish(self.control_subject, body)
+        await self.conn.barrier()
+
+    async def control(self) -> AsyncIterator[bytes]:
+        await self.start()
+        received: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def on_msg(msg: Msg) -> None:
+            received.put_nowait(msg.data)
+
+        sub = await self.conn.nc.subscribe(self.control_subject, cb=on_msg)
+        await self.conn.barrier()  # active on the server when we return
+        return _control(received, sub)
+
     # -- operations (qtasks inspect / dead) ------------------------------------------
 
     async def inspect(self, queues: Sequence[str]) -> list[QueueStats]:
@@ -571,3 +595,12 @@ class NatsBroker(Broker):
         info = await self.conn.js.stream_info(self.dead_stream)
         await self.conn.js.purge_stream(self.dead_stream)
         return int(info.state.messages or 0)
+
+
+async def _control(received: asyncio.Queue[bytes], sub: Subscription) -> AsyncIterator[bytes]:
+    try:
+        while True:
+            yield await received.get()
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()

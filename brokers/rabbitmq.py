@@ -39,6 +39,7 @@ from aio_pika.exceptions import ChannelClosed, ChannelInvalidStateError, Publish
 from aiormq import spec
 from aiormq.abc import AbstractChannel, DeliveredMessage
 
+from brokers import rabbitmq_control
 from brokers._amqp import (
     DELAY_QUEUE_IDLE_MS,
     DELAY_REDECLARE_S,
@@ -645,6 +646,18 @@ class RabbitMQBroker(Broker):
                 yield delivery
         finally:
             await consumer.stop()
+
+    # -- control (cancel requests): brokers/rabbitmq_control.py --------------------------
+
+    async def broadcast(self, body: bytes) -> None:
+        await self.start()
+        assert self._connection is not None
+        await rabbitmq_control.broadcast(self._connection, self.settings, body)
+
+    async def control(self) -> AsyncIterator[bytes]:
+        await self.start()
+        assert self._connection is not None
+        return await rabbitmq_control.subscribe(self._connection, self.settings)
 
     # -- operations (qtasks inspect / dead) ----------------------------------------------
 

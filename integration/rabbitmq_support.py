@@ -27,6 +27,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import ChannelLockedResource
 
 from brokers._amqp import AmqpSettings
+from brokers.rabbitmq_control import control_exchange
 from integration.processes import ROOT
 from qtasks import QueueTasks
 
@@ -63,7 +64,7 @@ async def delete_namespace(url: str, prefix: str) -> None:
             except ChannelLockedResource:
                 pass  # exclusive to a connection that is closing: it goes with it
         for exchange in (settings.tasks_exchange, settings.dead_exchange,
-                         settings.results_exchange):
+                         settings.results_exchange, control_exchange(settings)):
             async with connection.channel() as channel:
                 await channel.exchange_delete(exchange)
     finally:

@@ -145,6 +145,28 @@ def test_cli_listen_prints_live_events(deployment: Deployment) -> None:
     assert events[-1]["returning"] == [2, 1, 0]
 
 
+def test_cli_cancel_stops_a_task_in_a_worker_process(deployment: Deployment) -> None:
+    app = deployment.app()
+    client = app.sync
+    try:
+        with workers(deployment.env, count=1):
+            task = client.add_task("countdown", 1000, 0.05)
+            values = task.stream()
+            assert next(values) == 999  # it runs
+            cancelled = deployment.qtasks("cancel", task.id, "--reason", "ops", "--wait",
+                                          "--json")
+            assert cancelled.returncode == 0, cancelled.stderr
+            state = orjson.loads(cancelled.stdout)
+            assert state["status"] == "cancelled"
+            assert state["error"]["type"] == "TaskCancelled"
+            assert "ops" in state["error"]["message"]
+            assert 0 < state["partials"] < 1000
+            after = client.add_task("add", 2, 3, timeout=DEADLINE)  # the worker goes on
+            assert after.returning == 5
+    finally:
+        client.close()
+
+
 def test_cli_inspect_and_dead_letters(deployment: Deployment) -> None:
     app = deployment.app()
     client = app.sync

@@ -1,6 +1,7 @@
 """QTasks: an asyncio-first, broker-agnostic task queue that streams every ``yield``."""
 
 from qtasks.app import QueueTasks
+from qtasks.cancellation import TaskCancelled
 from qtasks.errors import (
     BrokerUnavailableError,
     ConfigurationError,
@@ -39,6 +40,7 @@ __all__ = [
     "RetryPolicy",
     "SyncTaskExecutor",
     "Task",
+    "TaskCancelled",
     "TaskExecSchema",
     "TaskFailedError",
     "TaskFunction",

@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any, overload
 from qtasks.errors import ConfigurationError
 from qtasks.executors import BaseTaskExecutor
 from qtasks.interfaces import Broker, ResultStore
-from qtasks.protocol import DEFAULT_MAX_MESSAGE_SIZE, ResultEvent, TaskMessage, encode, uuid7
+from qtasks.protocol import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    ControlMessage,
+    ResultEvent,
+    TaskMessage,
+    encode,
+    uuid7,
+)
 from qtasks.registry import broker_from_url, redact, results_from_url
 from qtasks.signing import Signer
 from qtasks.task import RetryPolicy, Task, TaskExecSchema, TaskFunction, TaskStatus
@@ -247,6 +254,19 @@ class QueueTasks:
         await self.broker.publish(message, body)
 
     # -- reading results -------------------------------------------------------------
+
+    async def cancel(self, task_id: str, reason: str = "") -> None:
+        """Ask every worker to cancel task ``task_id``: the one running it stops it (its
+        final is ``cancelled``), and a worker that receives it later ends it ``cancelled``
+        without running it. Like Celery's ``revoke``, it reaches the workers connected at
+        the time of the call (each remembers it for ``Worker.revoke_ttl`` seconds); a
+        synchronous function already running in a thread runs to its end, but its result
+        is dropped. Signed when a signing key is set: workers ignore forged requests."""
+        await self.start()
+        body = encode(ControlMessage(id=task_id, ts=time.time(), reason=reason))
+        if self.signer is not None:
+            body = self.signer.sign(body)
+        await self.broker.broadcast(body)
 
     async def get(self, task_id: str) -> Task | None:
         """The latest known state of a task from any producer, or None (unknown, not

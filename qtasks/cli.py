@@ -1,5 +1,6 @@
 """The ``qtasks`` command: ``worker`` runs a worker process, ``demo`` shows streaming, and
-``send``/``listen``/``status``/``inspect``/``dead`` operate a deployment from a shell."""
+``send``/``listen``/``status``/``cancel``/``inspect``/``dead`` operate a deployment from a
+shell."""
 
 from __future__ import annotations
 
@@ -113,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", parents=[remote], help="one task's state")
     status.add_argument("id")
 
+    cancel = commands.add_parser("cancel", parents=[remote],
+                                 help="ask the workers to cancel a task")
+    cancel.add_argument("id")
+    cancel.add_argument("--reason", default="", help="recorded in the task's error")
+    cancel.add_argument("--wait", action="store_true",
+                        help="wait until the task has ended and print how")
+    cancel.add_argument("--timeout", type=float, default=None)
+
     inspect_ = commands.add_parser("inspect", parents=[remote], help="queue depths")
     inspect_.add_argument("--queues", default="default", help="comma-separated")
 
@@ -151,6 +160,8 @@ async def run_operator(args: argparse.Namespace) -> int:
             return await op.listen(args.task, args.json, args.limit)
         if args.command == "status":
             return await op.status(args.id, args.json)
+        if args.command == "cancel":
+            return await op.cancel(args.id, args.reason, args.wait, args.timeout, args.json)
         if args.command == "inspect":
             return await op.inspect(args.queues.split(","), args.json)
         return await op.dead(args.action, args.refs, args.limit, args.json)

@@ -128,6 +128,20 @@ class Broker(abc.ABC):
     async def declare(self, queues: Sequence[str]) -> None:  # noqa: B027 - optional
         """Create ``queues`` (and what they need) ahead of the first publish/consume."""
 
+    # -- control: optional, for cancelling tasks ----------------------------------------
+
+    async def broadcast(self, body: bytes) -> None:
+        """Send ``body`` (an encoded ``ControlMessage``) to every worker subscribed to
+        ``control`` now. Not stored: a worker that subscribes later, or is disconnected
+        at that moment, does not get it. Returns once the broker has it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot broadcast to workers")
+
+    async def control(self) -> AsyncIterator[bytes]:
+        """Subscribe to ``broadcast``; returns once the subscription is active, so that
+        nothing broadcast afterwards is missed while connected. The iterator follows
+        reconnects and unsubscribes when closed."""
+        raise NotImplementedError(f"{type(self).__name__} cannot broadcast to workers")
+
     # -- operations: optional, for the operator CLI ------------------------------------
 
     async def inspect(self, queues: Sequence[str]) -> list[QueueStats]:

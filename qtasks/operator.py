@@ -136,6 +136,17 @@ class Operator:
                 self.say(f"{key:>11}: {value}")
         return 0
 
+    async def cancel(self, task_id: str, reason: str, wait: bool, timeout: float | None,
+                     as_json: bool) -> int:
+        await self.app.cancel(task_id, reason)
+        if not wait:
+            self.say(_json({"id": task_id, "cancel": "sent"}) if as_json
+                     else f"cancel of {task_id} sent to the workers")
+            return 0
+        task = await self.app.task_handle(task_id).wait(timeout)
+        self.say(_json(task_state(task)) if as_json else f"{task_id}: {task.status.value}")
+        return 0 if task.status.value == "cancelled" else 1
+
     async def inspect(self, queues: Sequence[str], as_json: bool) -> int:
         stats = await self.app.broker.inspect(queues)
         dead = len(await self.app.broker.dead_letters(limit=10_000))

@@ -5,8 +5,9 @@ field by field in ``docs/protocol.md`` so that a producer or a listener written 
 language can take part. The dataclasses here are the single source of truth for that
 document: a field added here and not there is a bug.
 
-Three kinds travel on the result side (``status``, ``partial``, ``final``) and one on the
-task side (``task``). Timestamps are Unix seconds as floats, which every language reads.
+Three kinds travel on the result side (``status``, ``partial``, ``final``), one on the
+task side (``task``) and one is broadcast to every worker (``cancel``). Timestamps are
+Unix seconds as floats, which every language reads.
 """
 
 from __future__ import annotations
@@ -160,7 +161,22 @@ class ResultEvent:
         return self.kind == "final"
 
 
-def encode(message: TaskMessage | ResultEvent, max_size: int | None = None) -> bytes:
+@dataclass(slots=True)
+class ControlMessage:
+    """A request broadcast to every worker, not queued: ``cancel`` task ``id``."""
+
+    id: str
+    kind: Literal["cancel"] = "cancel"
+    ts: float = 0.0
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": VERSION, "kind": self.kind, "id": self.id, "ts": self.ts,
+                "reason": self.reason}
+
+
+def encode(message: TaskMessage | ResultEvent | ControlMessage,
+           max_size: int | None = None) -> bytes:
     """Serialise a message, refusing what JSON cannot carry or what is too large."""
     try:
         body = orjson.dumps(message.to_dict(), option=orjson.OPT_NON_STR_KEYS)
@@ -177,7 +193,9 @@ def encode(message: TaskMessage | ResultEvent, max_size: int | None = None) -> b
     return body
 
 
-def _describe(message: TaskMessage | ResultEvent) -> str:
+def _describe(message: TaskMessage | ResultEvent | ControlMessage) -> str:
+    if isinstance(message, ControlMessage):
+        return f"{message.kind} of task id {message.id}"
     return f"task {message.task!r} id {message.id}"
 
 
@@ -266,6 +284,17 @@ def _result_from(data: dict[str, Any], kind: ResultKind) -> ResultEvent:
         worker=data.get("worker"),
         partials=int(data.get("partials") or 0),
     )
+
+
+def decode_control(body: bytes) -> ControlMessage:
+    data = _load(body)
+    if data.get("kind") != "cancel":
+        raise MessageDecodeError(f"unknown control kind {data.get('kind')!r}")
+    try:
+        return ControlMessage(id=_require(data, "id", str), ts=float(data.get("ts") or 0.0),
+                              reason=str(data.get("reason") or ""))
+    except (TypeError, ValueError) as exc:
+        raise MessageDecodeError(f"a field has the wrong type: {exc}") from exc
 
 
 def _optional_float(value: Any) -> float | None:

@@ -24,7 +24,7 @@ T = TypeVar("T")
 
 
 class SyncApp:
-    """``app.sync``: enqueue, wait, stream and listen without ``await``."""
+    """``app.sync``: enqueue, wait, stream, listen and cancel without ``await``."""
 
     def __init__(self, app: QueueTasks) -> None:
         self.app = app
@@ -61,6 +61,9 @@ class SyncApp:
         task = self.run(self.app.get(task_id))
         return None if task is None else SyncTask(task, self)
 
+    def cancel(self, task_id: str, reason: str = "") -> None:
+        self.run(self.app.cancel(task_id, reason))
+
     def task_handle(self, task_id: str, task_name: str = "") -> SyncTask:
         return SyncTask(self.app.task_handle(task_id, task_name), self)
 
@@ -94,6 +97,9 @@ class SyncTask:
 
     def result(self, timeout: float | None = None) -> Any:
         return self._client.run(self.task.result(timeout))
+
+    def cancel(self, reason: str = "") -> None:
+        self._client.run(self.task.cancel(reason))
 
     def stream(self) -> Iterator[Any]:
         return self._client.iterate(self.task.stream())

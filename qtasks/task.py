@@ -218,6 +218,13 @@ class Task:
             raise TaskTimeoutError(self.id, timeout) from None
         return self
 
+    async def cancel(self, reason: str = "") -> None:
+        """Ask the workers to cancel this task (``QueueTasks.cancel``); ``wait`` then
+        returns it ``cancelled`` unless it finished first."""
+        if self.app is None:
+            raise RuntimeError("this Task is not bound to an app")
+        await self.app.cancel(self.id, reason)
+
     async def result(self, timeout: float | None = None) -> Any:
         """``returning`` once the task succeeded; raises ``TaskFailedError`` otherwise."""
         await self.wait(timeout)

@@ -18,15 +18,23 @@ import socket
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from qtasks.cancellation import REVOKE_TTL, Revocations, TaskCancelled
 from qtasks.errors import MessageDecodeError, MessageEncodeError
 from qtasks.executors import default_executor
 from qtasks.interfaces import Delivery
-from qtasks.protocol import ErrorInfo, ResultEvent, TaskMessage, decode_task, encode
+from qtasks.protocol import (
+    ErrorInfo,
+    ResultEvent,
+    TaskMessage,
+    decode_control,
+    decode_task,
+    encode,
+)
 from qtasks.task import TaskExecSchema, TaskStatus
 
 if TYPE_CHECKING:
@@ -107,6 +115,7 @@ class Worker:
         grace: float = 30.0,
         name: str | None = None,
         running_after: float = RUNNING_AFTER,
+        revoke_ttl: float = REVOKE_TTL,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -117,6 +126,11 @@ class Worker:
         self.running_after = running_after
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.in_flight: dict[asyncio.Task[None], Delivery] = {}
+        #: Cancel requests heard (``QueueTasks.cancel``), by task id.
+        self.revoked = Revocations(revoke_ttl)
+        #: Tasks whose function runs now, by task id: what a cancel request interrupts.
+        self._executing: dict[str, asyncio.Task[Any]] = {}
+        self._cancelling: set[str] = set()
         self.processed = 0
         self._stop = asyncio.Event()
         self._started = asyncio.Event()
@@ -134,6 +148,12 @@ class Worker:
         app = self.app
         await app.start()
         await app.broker.declare(self.queues)
+        try:
+            # Subscribed before consuming: no request for a task this worker takes is missed.
+            control: AsyncIterator[bytes] | None = await app.broker.control()
+        except NotImplementedError:
+            control = None
+        follow = asyncio.create_task(self._follow_control(control), name="qtasks-control")
         consumer = asyncio.create_task(self._consume(), name="qtasks-consume")
         lease = asyncio.create_task(self._keep_leases(), name="qtasks-lease")
         self._started.set()
@@ -150,9 +170,10 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await consumer
             await self._drain()
-            lease.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await lease
+            for helper in (lease, follow):
+                helper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await helper
             self._threads.shutdown(wait=False, cancel_futures=True)
             log.info("worker %s stopped after %d tasks", self.name, self.processed)
 
@@ -196,6 +217,32 @@ class Worker:
             for result in results:
                 if isinstance(result, Exception):
                     log.warning("lease keep-alive failed: %s", result)
+
+    async def _follow_control(self, control: AsyncIterator[bytes] | None) -> None:
+        """Cancel requests: remember each, and interrupt the task if it runs here."""
+        if control is None:
+            return
+        signer = self.app.signer
+        try:
+            async for body in control:
+                if signer is not None and (refused := signer.verify(body)):
+                    log.error("ignoring a cancel request: %s", refused)
+                    continue
+                try:
+                    request = decode_control(body)
+                except MessageDecodeError as exc:
+                    log.error("ignoring an undecodable control message: %s", exc)
+                    continue
+                self.revoked.add(request.id, request.reason)
+                running = self._executing.get(request.id)
+                if running is not None:
+                    log.info("cancelling task %s on request", request.id)
+                    self._cancelling.add(request.id)
+                    running.cancel()
+        finally:
+            aclose = getattr(control, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     async def _handle(self, delivery: Delivery) -> None:
         try:
@@ -241,6 +288,18 @@ class Worker:
                 await self._publish(previous, message.headers.get("reply_to"))
                 await delivery.ack()
                 return
+        # No await from this check until the task is registered as executing, so a
+        # cancel request is either seen here or interrupts the run.
+        if (reason := self.revoked.reason(message.id)) is not None:
+            log.info("task %s %s was cancelled before it started", message.task, message.id)
+            now = time.time()
+            base = ResultEvent(kind="final", id=message.id, task=message.task,
+                               attempt=message.attempt, started_at=now, worker=self.name)
+            cancelled = TaskCancelled(f"task {message.task} {message.id} was cancelled "
+                                      f"before it started{': ' + reason if reason else ''}")
+            await self._finish(delivery, message, base, TaskStatus.CANCELLED, None,
+                               error_info(cancelled))
+            return
         await self._run(delivery, message, schema)
 
     async def _publish(self, event: ResultEvent, reply_to: str | None) -> None:
@@ -279,7 +338,11 @@ class Worker:
                                 publish=publish_partial, thread_pool=self._threads)
         max_time = message.max_time if message.max_time is not None else schema.max_time
         status, returning, error = TaskStatus.SUCCESS, None, None
+        failed_attempt: Exception | None = None  # to be retried
         timer = asyncio.timeout(max_time)
+        current = asyncio.current_task()
+        assert current is not None
+        self._executing[message.id] = current
         try:
             async with timer:
                 returning = await executor.execute()
@@ -291,19 +354,36 @@ class Worker:
                 error = error_info(TaskTimeLimitExceeded(
                     f"task {message.task} {message.id} exceeded max_time of {max_time} s"))
         except asyncio.CancelledError as exc:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
+            if message.id in self._cancelling and current.uncancel() == 0:
+                reason = self.revoked.reason(message.id)
+                status, error = TaskStatus.CANCELLED, error_info(TaskCancelled(
+                    f"task {message.task} {message.id} was cancelled while running"
+                    f"{': ' + reason if reason else ''}"))
+            elif current.cancelling():
                 raise  # the worker is stopping: not the task's outcome
-            status, error = TaskStatus.CANCELLED, error_info(exc)
+            else:
+                status, error = TaskStatus.CANCELLED, error_info(exc)  # cancelled itself
         except Exception as exc:
             if schema.retry.should_retry(message.attempt, exc):
-                await running.settle()
-                await self._retry(delivery, message, schema, base, exc, reply_to)
-                return
-            status, error = TaskStatus.ERROR, error_info(exc)
+                failed_attempt = exc
+            else:
+                status, error = TaskStatus.ERROR, error_info(exc)
+        finally:
+            # From here on a cancel request no longer interrupts: the outcome is decided.
+            self._executing.pop(message.id, None)
+            self._cancelling.discard(message.id)
+        await running.settle()
+        if failed_attempt is not None:
+            await self._retry(delivery, message, schema, base, failed_attempt, reply_to)
+            return
+        await self._finish(delivery, message, replace(base, partials=seq), status, returning,
+                           error)
 
+    async def _finish(self, delivery: Delivery, message: TaskMessage, base: ResultEvent,
+                      status: TaskStatus, returning: Any, error: ErrorInfo | None) -> None:
+        """Publish the final (durable), then ack."""
         final = replace(base, kind="final", status=status.value, returning=returning,
-                        error=error, finished_at=time.time(), partials=seq)
+                        error=error, finished_at=time.time())
         final.ts = final.finished_at or 0.0
         try:
             body = encode(final)
@@ -311,8 +391,7 @@ class Worker:
             final = replace(final, status=TaskStatus.ERROR.value, returning=None,
                             error=error_info(exc))
             body = encode(final)
-        await running.settle()
-        await self.app.results_store.publish(final, body, reply_to)
+        await self.app.results_store.publish(final, body, message.headers.get("reply_to"))
         await delivery.ack()
 
     async def _retry(self, delivery: Delivery, message: TaskMessage, schema: TaskExecSchema,

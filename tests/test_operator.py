@@ -14,7 +14,7 @@ import pytest
 
 from qtasks import QueueTasks, TaskMessage
 from qtasks.operator import Operator
-from tests.contract import DEADLINE, register_contract_tasks, running_worker
+from tests.contract import DEADLINE, gate, register_contract_tasks, running_worker
 
 
 @pytest.fixture
@@ -93,3 +93,16 @@ def test_cli_explains_bad_input() -> None:
     assert bad_json.returncode == 2 and "--args" in bad_json.stderr
     for command in ("send", "listen", "status", "inspect", "dead", "worker", "demo"):
         assert qtasks(command, "--help").returncode == 0
+
+
+async def test_cancel_a_running_task_and_wait(setup: tuple[str, QueueTasks, io.StringIO]) -> None:
+    url, worker_app, out = setup
+    token = uuid.uuid4().hex
+    async with running_worker(worker_app), Operator(url, None, out=out) as op:
+        task = await op.app.add_task("held", token)
+        await asyncio.wait_for(gate(f"{token}:started").wait(), DEADLINE)
+        code = await op.cancel(task.id, "from a shell", wait=True, timeout=DEADLINE,
+                               as_json=True)
+    state = orjson.loads(out.getvalue().splitlines()[-1])
+    assert code == 0
+    assert state["status"] == "cancelled" and "from a shell" in state["error"]["message"]

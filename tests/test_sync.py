@@ -72,3 +72,12 @@ def test_listen_from_a_thread_while_others_enqueue(app: QueueTasks) -> None:
         thread.join(10)
     assert not errors
     assert results == [[0, 1]] * 8
+
+
+def test_cancel_from_a_thread(app: QueueTasks) -> None:
+    client = app.sync
+    task = client.add_task("hold", 30.0)
+    task.cancel("not needed")
+    done = task.wait(10)
+    assert done.status is TaskStatus.CANCELLED
+    assert done.error is not None and "not needed" in done.error.message
