@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 
 from qtasks import MessageDecodeError, MessageEncodeError, MessageTooLargeError
 from qtasks.protocol import (
+    ControlMessage,
     ErrorInfo,
     ResultEvent,
     TaskMessage,
+    decode_control,
     decode_result,
     decode_task,
     encode,
@@ -105,3 +107,14 @@ def test_wrong_field_types_are_decode_errors() -> None:
         decode_task(b'{"v": 1, "id": "a", "task": "t", "priority": "high"}')
     with pytest.raises(MessageDecodeError, match="wrong type"):
         decode_result(b'{"v": 1, "kind": "final", "id": "a", "task": "t", "error": 3}')
+
+
+def test_cancel_requests_round_trip_and_bad_ones_say_why() -> None:
+    request = ControlMessage(id="t-1", ts=1.5, reason="no longer needed")
+    assert decode_control(encode(request)) == request
+    for body, reason in [(b'{"v":1,"kind":"pause","id":"x"}', "unknown control kind"),
+                         (b'{"v":1,"kind":"cancel"}', "'id'"),
+                         (b'{"v":1,"kind":"cancel","id":"x","ts":"soon"}', "wrong type"),
+                         (b"[]", "not an object")]:
+        with pytest.raises(MessageDecodeError, match=reason):
+            decode_control(body)
