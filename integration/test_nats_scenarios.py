@@ -180,6 +180,27 @@ async def test_server_restart_mid_load_loses_no_acknowledged_task(
     assert all("NATS broker reconnected" in p.output for p in procs), procs[0].output
 
 
+async def test_server_restart_mid_stream_loses_no_partial(
+        producer: QueueTasks, env: dict[str, str]) -> None:
+    """Partials sent around a server restart are published again (with PubAcks) before
+    any later one, so the submitter's stream has every value once, in order."""
+    count = 300
+    try:
+        with workers(env, count=1):
+            task = await producer.add_task("countdown", count, 0.01)
+            values = task.stream()
+            received = [await anext(values) for _ in range(20)]
+            await asyncio.to_thread(stop_server)
+            await asyncio.to_thread(start_server)
+            async with asyncio.timeout(DEADLINE):
+                received += [v async for v in values]
+            done = await task.wait(DEADLINE)
+    finally:
+        await asyncio.to_thread(start_server)
+    assert received == list(reversed(range(count)))
+    assert done.returning == received
+
+
 def _markers(directory: Path, prefix: str) -> dict[int, float]:
     """Markers ``prefix<pid>`` that workers left in ``directory``: pid -> when written."""
     return {int(p.read_text()): p.stat().st_mtime for p in directory.glob(f"{prefix}*")}

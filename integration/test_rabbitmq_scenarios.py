@@ -173,6 +173,29 @@ async def test_broker_restart_mid_load_loses_no_confirmed_task(namespace: Namesp
     assert broker.reconnects == 1 and results.reconnects == 1  # it did go through it
 
 
+async def test_broker_restart_mid_stream_loses_no_partial(namespace: Namespace) -> None:
+    """Partials published while RabbitMQ restarts are sent again before any later one,
+    so the submitter's stream has every value once, in order."""
+    producer = namespace.app()
+    count = 300
+    with workers(namespace.env, count=1):
+        task = await producer.add_task("countdown", count, pause=0.02)
+        values = task.stream()
+        received = [await anext(values) for _ in range(20)]
+        try:
+            await asyncio.to_thread(rabbitmqctl, "stop_app")
+            await asyncio.to_thread(rabbitmqctl, "start_app")
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(rabbitmqctl, "start_app")
+            await wait_for_rabbitmq(namespace.base_url)
+        async with asyncio.timeout(DEADLINE):
+            received += [v async for v in values]
+        done = await task.wait(DEADLINE)
+    assert received == list(reversed(range(count)))
+    assert done.returning == received
+
+
 async def test_sigkill_during_a_result_stream_then_a_new_worker(namespace: Namespace) -> None:
     """The only worker dies mid-generator; a worker started later runs the task again and
     the submitter's stream ends with the second run's values, de-duplicated."""

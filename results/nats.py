@@ -241,7 +241,13 @@ class NatsResultStore(ResultStore):
             if unconfirmed is None:
                 unconfirmed = self._unconfirmed[event.id] = _Unconfirmed(self.conn.epoch)
             unconfirmed.sent.append((subject, body))
-            await self._send(subject, body)
+            if unconfirmed.epoch != self.conn.epoch or not self.conn.nc.is_connected:
+                # The connection dropped since earlier events were sent (or is down): they
+                # may be lost, and a core publish now would overtake them (readers drop
+                # what comes after a later seq). All go again, in order, with PubAcks.
+                await self._confirm(unconfirmed)
+            else:
+                await self._send(subject, body)
             if event.kind == "status":
                 await self._send(self.key_subject(event.id), body)
             if event.kind == "status" and event.status != "running":

@@ -83,6 +83,10 @@ def routing_key(task: str, task_id: str) -> str:
     return f"{task}.{_word(task_id)}"
 
 
+async def _ignore(_message: DeliveredMessage) -> None:
+    return None
+
+
 class _Interrupted(Exception):
     """The connection dropped while reading the stream: start over after reconnecting."""
 
@@ -205,6 +209,8 @@ class RabbitMQResultStore(ResultStore):
         self._failed: dict[str, list[_Pending]] = {}
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._restored = asyncio.Event()
+        #: Set while the stream queue takes writes; see ``_await_stream``.
+        self._stream_ready = asyncio.Event()
         self._inbox_channel: AbstractRobustChannel | None = None
         self._inbox_up = False
         self._inbox_losses = 0
@@ -255,6 +261,7 @@ class RabbitMQResultStore(ResultStore):
             self._connection = connection
             self._closed = False
             self._restored.set()
+            self._stream_ready.set()
 
     async def close(self) -> None:
         """Wait (up to ``publish_timeout``) for pipelined publishes, then disconnect."""
@@ -277,10 +284,53 @@ class RabbitMQResultStore(ResultStore):
 
     def _on_lost(self, _connection: object, _exc: BaseException | None) -> None:
         self._restored.clear()
+        self._stream_ready.clear()
 
     def _on_restored(self, _connection: object) -> None:
         self._restored.set()
+        self._spawn(self._await_stream())
         self.reconnects += 1
+
+    async def _await_stream(self) -> None:
+        """Set ``_stream_ready`` once a consumer can attach to the stream queue again.
+
+        Right after a RabbitMQ node restarts, clients reconnect before the node runs its
+        stream queues; for that moment a publish routed to the stream is confirmed and
+        dropped (3.10; a consumer gets NOT_FOUND "home node ... is down"). So after a
+        reconnect, results wait until the stream answers a consumer."""
+        pause = 0.05
+        while not self._closed and self._connection is not None:
+            if self._stream_ready.is_set():
+                return
+            try:
+                channel = await self._connection.channel(publisher_confirms=False)
+                try:
+                    underlay = await channel.get_underlay_channel()
+                    await underlay.basic_qos(prefetch_count=1)
+                    ok = await underlay.basic_consume(
+                        self.settings.stream_queue, _ignore,
+                        arguments={"x-stream-offset": "next"})
+                    await underlay.basic_cancel(ok.consumer_tag or "")
+                finally:
+                    await quietly(channel.close())
+            except Exception as exc:
+                log.debug("result stream not readable yet (%s); waiting", exc)
+                await asyncio.sleep(pause)
+                pause = min(1.0, pause * 2)
+                continue
+            if self._restored.is_set():
+                self._stream_ready.set()
+            return
+
+    async def _stream_writable(self) -> None:
+        """Wait (up to ``publish_timeout``) for ``_stream_ready``; past that, publish
+        anyway rather than stall the worker, and say so."""
+        try:
+            await asyncio.wait_for(self._stream_ready.wait(), self.settings.publish_timeout)
+        except TimeoutError:
+            log.warning("the result stream %s did not come back within %g s after a "
+                        "reconnect; publishing anyway", self.settings.stream_queue,
+                        self.settings.publish_timeout)
 
     def _inbox_lost(self, _channel: object, _exc: BaseException | None) -> None:
         """The inbox channel closed (with the connection, or alone): until it consumes
@@ -347,6 +397,8 @@ class RabbitMQResultStore(ResultStore):
 
     async def publish(self, event: ResultEvent, body: bytes, reply_to: str | None = None) -> None:
         await self.start()
+        if not self._stream_ready.is_set():
+            await self._stream_writable()
         headers: dict[str, Any] = {"x-qtasks-task": event.task, "x-qtasks-attempt": event.attempt}
         if reply_to:
             headers["BCC"] = [reply_to]  # also to the submitter's inbox; stripped on delivery
@@ -357,6 +409,11 @@ class RabbitMQResultStore(ResultStore):
             message_id=f"{event.id}.{event.attempt}.{event.kind}.{detail}")
         key = routing_key(event.task, event.id)
         if event.kind != "final":
+            if self._failed.get(event.id):
+                # An earlier event of this task was not confirmed (the connection dropped):
+                # it goes out again first, or this one would overtake it, and readers drop
+                # a partial that comes after a later one.
+                await self._flush(event.id)
             await self._slots.acquire()
             # Tasks start in creation order and each writes its frame before yielding, so
             # pipelined publishes keep their order on the channel.
@@ -597,7 +654,10 @@ class RabbitMQResultStore(ResultStore):
             offset = datetime.fromtimestamp(max(0.0, start), UTC)
         probe = f"probe.{uuid.uuid4().hex}"
         received: asyncio.Queue[DeliveredMessage | None] = asyncio.Queue()
-        channel: AbstractRobustChannel = await connection.channel(publisher_confirms=False)
+        try:
+            channel: AbstractRobustChannel = await connection.channel(publisher_confirms=False)
+        except Exception as exc:
+            raise _Interrupted from exc  # the connection is down: start over once it is back
         channel.close_callbacks.add(lambda *_: received.put_nowait(None))
 
         async def receive(message: DeliveredMessage) -> None:
