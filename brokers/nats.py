@@ -466,10 +466,9 @@ class NatsBroker(Broker):
             headers[NOT_BEFORE] = repr(message.not_before)
         await self.start()  # a no-op once started; lets a bare broker publish at once
         self._check_size(message, body, headers)
-        js = self.conn.js
-        await self.conn.retry(
-            f"publish task {message.id}",
-            lambda: js.publish(subject, body, stream=self.stream, headers=dict(headers)))
+        conn = self.conn
+        await conn.retry(f"publish task {message.id}", lambda: conn.publish(
+            subject, body, headers=headers, stream=self.stream))
 
     def _check_size(self, message: TaskMessage, body: bytes, headers: dict[str, str]) -> None:
         size = len(body) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 64
@@ -510,11 +509,11 @@ class NatsBroker(Broker):
         }
         room = self.conn.max_payload - len(msg.data) - 512
         headers[DEAD_REASON] = " ".join(reason.split())[:max(0, min(_MAX_REASON, room))]
-        js = self.conn.js
-        await self.conn.retry(
+        conn = self.conn
+        await conn.retry(
             f"dead-letter {meta.stream}:{meta.sequence.stream}",
-            lambda: js.publish(f"{self.prefix}.dead.{token(queue)}", msg.data,
-                               stream=self.dead_stream, headers=dict(headers)))
+            lambda: conn.publish(f"{self.prefix}.dead.{token(queue)}", msg.data,
+                                 headers=headers, stream=self.dead_stream))
 
     # -- control (cancel requests) ---------------------------------------------------
 
@@ -584,8 +583,7 @@ class NatsBroker(Broker):
                 continue
             subject = self.subject(letter.queue or "default")
             headers = {MSG_ID: f"requeued:{self.dead_stream}:{seq}"}
-            await self.conn.js.publish(subject, letter.body, stream=self.stream,
-                                       headers=headers)
+            await self.conn.publish(subject, letter.body, headers=headers, stream=self.stream)
             await self.conn.js.delete_msg(self.dead_stream, seq)
             count += 1
         return count

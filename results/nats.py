@@ -258,12 +258,12 @@ class NatsResultStore(ResultStore):
         unconfirmed = self._unconfirmed.pop(event.id, None)
         if unconfirmed is not None:
             await self._confirm(unconfirmed)
-        js = self.conn.js
+        conn = self.conn
         headers = {"Nats-Msg-Id": f"{event.id}:{event.attempt}:final"}
-        await self.conn.retry(f"store the final of {event.id}", lambda: js.publish(
+        await conn.retry(f"store the final of {event.id}", lambda: conn.publish(
             self.key_subject(event.id), body))
-        await self.conn.retry(f"publish the final of {event.id}", lambda: js.publish(
-            subject, body, stream=self.stream, headers=dict(headers)))
+        await conn.retry(f"publish the final of {event.id}", lambda: conn.publish(
+            subject, body, headers=headers, stream=self.stream))
 
     async def _send(self, subject: str, body: bytes) -> None:
         """Core publish; while the client cannot buffer it (a long outage), wait for a
@@ -271,8 +271,8 @@ class NatsResultStore(ResultStore):
         try:
             await self.conn.nc.publish(subject, body)
         except (nats.errors.OutboundBufferLimitError, nats.errors.ConnectionReconnectingError):
-            js = self.conn.js
-            await self.conn.retry(f"publish on {subject}", lambda: js.publish(subject, body))
+            conn = self.conn
+            await conn.retry(f"publish on {subject}", lambda: conn.publish(subject, body))
 
     async def _confirm(self, unconfirmed: _Unconfirmed) -> None:
         """Make sure every event sent without a PubAck is stored: a flush proves the
@@ -287,10 +287,9 @@ class NatsResultStore(ResultStore):
                     return
         log.warning("connection to NATS dropped while results were in flight: "
                     "publishing %d events again", len(unconfirmed.sent))
-        js = conn.js
         for subject, body in unconfirmed.sent:
             await conn.retry(f"publish on {subject}",
-                             lambda s=subject, b=body: js.publish(s, b))  # type: ignore[misc]
+                             lambda s=subject, b=body: conn.publish(s, b))  # type: ignore[misc]
         unconfirmed.sent.clear()
         unconfirmed.epoch = conn.epoch
 
