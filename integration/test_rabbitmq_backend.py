@@ -23,6 +23,7 @@ from integration.rabbitmq_support import (
     close_connection,
     open_namespace,
     queues_of,
+    rabbitmqctl,
 )
 from qtasks import (
     BrokerUnavailableError,
@@ -379,3 +380,32 @@ async def test_a_listener_resumes_after_its_connection_was_closed(namespace: Nam
     await publish(1)  # live means live: what was published while it was down is not seen
     assert (await events.next()).value == 1
     await events.close()
+
+
+async def test_fast_partials_travel_in_batches_and_arrive_whole_and_in_order(
+        namespace: Namespace) -> None:
+    """A generator yielding faster than RabbitMQ confirms has its partials gathered into
+    ``batch`` messages: far fewer messages than values in the stream queue, and every
+    reader (the submitter, a late reader, a listener) still gets each value once, in
+    order."""
+    count = 3000
+    app, reader = worker_app(namespace), namespace.app()
+    listener = Drain(await reader.subscribe("squares"))
+    async with running_worker(app):
+        task = await namespace.app().add_task("squares", count)
+        async with asyncio.timeout(DEADLINE):
+            live = [v async for v in task.stream()]
+            late = [v async for v in reader.task_handle(task.id).stream()]
+            listened = []
+            while len(listened) < count:
+                event = await listener.next()
+                if event.kind == "partial":
+                    listened.append(event.value)
+    await listener.close()
+    expected = [i * i for i in range(count)]
+    assert live == late == listened == expected
+    depth = await asyncio.to_thread(
+        rabbitmqctl, "list_queues", "name", "messages", "--quiet", "--no-table-headers")
+    stored = next(int(line.split()[1]) for line in depth.splitlines()
+                  if line.split()[0] == f"{namespace.prefix}.results.stream")
+    assert stored < count // 5, f"{stored} messages for {count} partials: not batched"

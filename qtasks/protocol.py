@@ -257,7 +257,30 @@ def _task_from(data: dict[str, Any], args: list[Any], kwargs: dict[str, Any],
 
 
 def decode_result(body: bytes) -> ResultEvent:
+    return _result_of(_load(body))
+
+
+def decode_results(body: bytes) -> list[ResultEvent]:
+    """The events of one result message: one, or the partials of a ``batch`` (a backend
+    may gather a task's partials into one message when they come faster than the broker
+    takes them; ``encode_batch``)."""
     data = _load(body)
+    if data.get("kind") != "batch":
+        return [_result_of(data)]
+    events = data.get("events")
+    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+        raise MessageDecodeError("'events' of a batch must be a list of objects")
+    return [_result_of(event) for event in events]
+
+
+def encode_batch(task_id: str, task: str, bodies: list[bytes]) -> bytes:
+    """One message of several encoded partials of one task, in order: their bytes are
+    reused as they are."""
+    head = orjson.dumps({"v": VERSION, "kind": "batch", "id": task_id, "task": task})
+    return head[:-1] + b',"events":[' + b",".join(bodies) + b"]}"
+
+
+def _result_of(data: dict[str, Any]) -> ResultEvent:
     kind = data.get("kind")
     if kind not in ("status", "partial", "final"):
         raise MessageDecodeError(f"unknown result kind {kind!r}")

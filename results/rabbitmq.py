@@ -54,7 +54,7 @@ from brokers._amqp import (
 )
 from qtasks.errors import BrokerUnavailableError, MessageDecodeError, QTasksError
 from qtasks.interfaces import ResultStore
-from qtasks.protocol import ResultEvent, decode_result, uuid7_time
+from qtasks.protocol import ResultEvent, decode_results, encode_batch, uuid7_time
 
 log = logging.getLogger("qtasks.rabbitmq")
 
@@ -66,6 +66,13 @@ MAX_IN_FLIGHT = 1000
 BUFFER_IDLE_S = 300.0
 MAX_BUFFERS = 10_000
 MAX_UNWATCHED_EVENTS = 10_000
+#: A task with this many result messages unconfirmed gathers its next partials into one
+#: ``batch`` message, sent as soon as fewer are unconfirmed (or before any other event of
+#: the task). Below it every partial goes out at once: batching adds no latency at a low
+#: yield rate, and at a high one the broker handles one message per batch, not per value.
+BATCH_AFTER = 8
+BATCH_MAX_EVENTS = 1000
+BATCH_MAX_BYTES = 256 * 1024
 #: Events already read by every watcher are dropped once a buffer holds this many.
 TRIM_AT = 1024
 STREAM_PREFETCH = 1000
@@ -93,6 +100,22 @@ class _Interrupted(Exception):
 
 class _LostAgain(Exception):
     """The inbox was lost again while its events were being recovered."""
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Partials of one task waiting to go out together, in order."""
+
+    task: str
+    attempt: int
+    first_seq: int
+    reply_to: str | None
+    bodies: list[bytes]
+    size: int = 0
+
+    @property
+    def full(self) -> bool:
+        return len(self.bodies) >= BATCH_MAX_EVENTS or self.size >= BATCH_MAX_BYTES
 
 
 @dataclass(slots=True)
@@ -207,6 +230,7 @@ class RabbitMQResultStore(ResultStore):
         self._buffers: dict[str, _Buffer] = {}
         self._pending: dict[str, deque[_Pending]] = {}
         self._failed: dict[str, list[_Pending]] = {}
+        self._batches: dict[str, _Batch] = {}
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._restored = asyncio.Event()
         #: Set while the stream queue takes writes; see ``_await_stream``.
@@ -399,33 +423,73 @@ class RabbitMQResultStore(ResultStore):
         await self.start()
         if not self._stream_ready.is_set():
             await self._stream_writable()
-        headers: dict[str, Any] = {"x-qtasks-task": event.task, "x-qtasks-attempt": event.attempt}
+        if event.kind == "final":
+            await self._flush(event.id)
+            properties, key = self._envelope(event.id, event.task, event.attempt, "final",
+                                             event.status, reply_to)
+            await retrying(self.settings, f"publishing the final result of task {event.id}",
+                           lambda: self._send(body, properties, key,
+                                              timeout=self.settings.publish_timeout))
+            return
+        if self._failed.get(event.id):
+            # An earlier event of this task was not confirmed (the connection dropped): it
+            # goes out again first, or this one would overtake it, and readers drop a
+            # partial that comes after a later one.
+            await self._flush(event.id)
+        batch = self._batches.get(event.id)
+        if event.kind == "partial" and (batch is not None or len(
+                self._pending.get(event.id) or ()) >= BATCH_AFTER):
+            if batch is None:
+                batch = self._batches[event.id] = _Batch(event.task, event.attempt,
+                                                         event.seq, reply_to, [])
+            batch.bodies.append(body)
+            batch.size += len(body)
+            if batch.full:
+                await self._send_gathered(event.id)
+            return
+        if batch is not None:  # a status must not overtake the partials before it
+            await self._send_gathered(event.id)
+        await self._slots.acquire()
+        properties, key = self._envelope(event.id, event.task, event.attempt, event.kind,
+                                         event.seq if event.kind == "partial" else event.status,
+                                         reply_to)
+        self._pipeline(event.id, body, properties, key)
+
+    def _envelope(self, task_id: str, task: str, attempt: int, kind: str, detail: object,
+                  reply_to: str | None) -> tuple[spec.Basic.Properties, str]:
+        headers: dict[str, Any] = {"x-qtasks-task": task, "x-qtasks-attempt": attempt}
         if reply_to:
             headers["BCC"] = [reply_to]  # also to the submitter's inbox; stripped on delivery
-        detail = event.seq if event.kind == "partial" else event.status
         properties = spec.Basic.Properties(
-            delivery_mode=2, content_type="application/json", correlation_id=event.id,
-            message_type=event.kind, app_id="qtasks", headers=headers,
-            message_id=f"{event.id}.{event.attempt}.{event.kind}.{detail}")
-        key = routing_key(event.task, event.id)
-        if event.kind != "final":
-            if self._failed.get(event.id):
-                # An earlier event of this task was not confirmed (the connection dropped):
-                # it goes out again first, or this one would overtake it, and readers drop
-                # a partial that comes after a later one.
-                await self._flush(event.id)
-            await self._slots.acquire()
-            # Tasks start in creation order and each writes its frame before yielding, so
-            # pipelined publishes keep their order on the channel.
-            future = asyncio.ensure_future(self._send(body, properties, key))
-            entry = _Pending(body, properties, key, future)
-            self._pending.setdefault(event.id, deque()).append(entry)
-            future.add_done_callback(lambda _: self._confirmed(event.id))
-            return
-        await self._flush(event.id)
-        await retrying(self.settings, f"publishing the final result of task {event.id}",
-                       lambda: self._send(body, properties, key,
-                                          timeout=self.settings.publish_timeout))
+            delivery_mode=2, content_type="application/json", correlation_id=task_id,
+            message_type=kind, app_id="qtasks", headers=headers,
+            message_id=f"{task_id}.{attempt}.{kind}.{detail}")
+        return properties, routing_key(task, task_id)
+
+    def _pipeline(self, task_id: str, body: bytes, properties: spec.Basic.Properties,
+                  key: str, slotted: bool = True) -> None:
+        """Send without waiting for the confirm (``slotted``: a slot of ``_slots`` was
+        taken for it). Tasks start in creation order and each writes its frame before
+        yielding, so pipelined publishes keep their order on the channel."""
+        future = asyncio.ensure_future(self._send(body, properties, key))
+        self._pending.setdefault(task_id, deque()).append(
+            _Pending(body, properties, key, future))
+        future.add_done_callback(lambda _: self._confirmed(task_id, slotted))
+
+    async def _send_gathered(self, task_id: str) -> None:
+        await self._slots.acquire()
+        if task_id in self._batches:
+            self._pipeline(task_id, *self._batch_message(task_id))
+        else:  # a confirm sent them while this waited for a slot
+            self._slots.release()
+
+    def _batch_message(self, task_id: str) -> tuple[bytes, spec.Basic.Properties, str]:
+        """The task's gathered partials as one ``batch`` message, and forget them."""
+        batch = self._batches.pop(task_id)
+        last = batch.first_seq + len(batch.bodies) - 1
+        properties, key = self._envelope(task_id, batch.task, batch.attempt, "batch",
+                                         f"{batch.first_seq}-{last}", batch.reply_to)
+        return encode_batch(task_id, batch.task, batch.bodies), properties, key
 
     async def _send(self, body: bytes, properties: spec.Basic.Properties, key: str,
                     timeout: float | None = None) -> None:
@@ -434,9 +498,11 @@ class RabbitMQResultStore(ResultStore):
         await send(self._channel, self.settings.results_exchange, key, body, properties,
                    mandatory=False, timeout=timeout)
 
-    def _confirmed(self, task_id: str) -> None:
-        """Forget confirmed events (in order); keep the ones that failed for ``_flush``."""
-        self._slots.release()
+    def _confirmed(self, task_id: str, slotted: bool) -> None:
+        """Forget confirmed events (in order); keep the ones that failed for ``_flush``;
+        send gathered partials once few enough are unconfirmed."""
+        if slotted:
+            self._slots.release()
         queue = self._pending.get(task_id)
         while queue and queue[0].future.done():
             entry = queue.popleft()
@@ -450,6 +516,10 @@ class RabbitMQResultStore(ResultStore):
                 failed.append(entry)
         if queue is not None and not queue:
             del self._pending[task_id]
+        if task_id in self._batches and task_id not in self._failed \
+                and len(queue or ()) < BATCH_AFTER:
+            # Not slotted: at most one batch per confirm, BATCH_AFTER per task in flight.
+            self._pipeline(task_id, *self._batch_message(task_id), slotted=False)
 
     async def _flush(self, task_id: str) -> None:
         """Every earlier event of the task confirmed; failed ones published again."""
@@ -462,6 +532,11 @@ class RabbitMQResultStore(ResultStore):
         failed += [entry for entry in queue or () if not entry.future.done() or entry.failed]
         for entry in failed:
             await self._resend(task_id, entry)
+        if task_id in self._batches:  # gathered after the ones above: sent after them
+            body, properties, key = self._batch_message(task_id)
+            await retrying(self.settings, f"publishing results of task {task_id}",
+                           lambda: self._send(body, properties, key,
+                                              timeout=self.settings.publish_timeout))
 
     async def _resend(self, task_id: str, entry: _Pending) -> None:
         await retrying(self.settings, f"re-publishing a result of task {task_id}",
@@ -502,7 +577,8 @@ class RabbitMQResultStore(ResultStore):
         if buffer is None:
             return  # a task nobody here waits for (any more)
         try:
-            buffer.receive(decode_result(message.body))
+            for event in decode_results(message.body):
+                buffer.receive(event)
         except MessageDecodeError as exc:
             log.error("ignoring an undecodable result of task %s: %s", task_id, exc)
 
@@ -685,12 +761,13 @@ class RabbitMQResultStore(ResultStore):
                     return
                 if properties.correlation_id in task_ids:
                     try:
-                        event = decode_result(message.body)
+                        events = decode_results(message.body)
                     except MessageDecodeError as exc:
                         log.error("skipping an undecodable result of task %s: %s",
                                   properties.correlation_id, exc)
                         continue
-                    yield event
+                    for event in events:
+                        yield event
         except _Interrupted:
             raise
         except Exception as exc:
@@ -748,11 +825,12 @@ class RabbitMQResultStore(ResultStore):
                         await message.ack(multiple=True)
                     unacked = 0
                 try:
-                    event = decode_result(message.body)
+                    events = decode_results(message.body)
                 except MessageDecodeError as exc:
                     log.error("skipping an undecodable result event: %s", exc)
                     continue
-                yield event
+                for event in events:
+                    yield event
         finally:
             # Cancelled first, so that the robust channel does not restore the consumer;
             # the queue (auto-delete) goes with it.

@@ -18,8 +18,10 @@ from qtasks.protocol import (
     TaskMessage,
     decode_control,
     decode_result,
+    decode_results,
     decode_task,
     encode,
+    encode_batch,
     uuid7,
     uuid7_time,
 )
@@ -118,3 +120,17 @@ def test_cancel_requests_round_trip_and_bad_ones_say_why() -> None:
                          (b"[]", "not an object")]:
         with pytest.raises(MessageDecodeError, match=reason):
             decode_control(body)
+
+
+def test_a_batch_carries_partials_in_order_and_bad_ones_say_why() -> None:
+    partials = [ResultEvent(kind="partial", id="t-1", task="t", seq=i, value={"i": i})
+                for i in range(3)]
+    batch = encode_batch("t-1", "t", [encode(p) for p in partials])
+    assert orjson.loads(batch)["kind"] == "batch"
+    assert decode_results(batch) == partials
+    single = encode(partials[0])
+    assert decode_results(single) == [partials[0]]
+    with pytest.raises(MessageDecodeError, match="list of objects"):
+        decode_results(b'{"v":1,"kind":"batch","id":"t-1","task":"t","events":[1]}')
+    with pytest.raises(MessageDecodeError, match="unknown result kind"):
+        decode_results(b'{"v":1,"kind":"batch","id":"t-1","task":"t","events":[{"kind":"x"}]}')
