@@ -91,7 +91,7 @@ def test_cli_explains_bad_input() -> None:
     assert bad_scheme.returncode == 2 and "no broker for scheme 'redis'" in bad_scheme.stderr
     bad_json = qtasks("send", "add", "--broker", "memory://", "--args", "{")
     assert bad_json.returncode == 2 and "--args" in bad_json.stderr
-    for command in ("send", "listen", "status", "inspect", "dead", "worker", "demo"):
+    for command in ("send", "listen", "status", "cancel", "inspect", "dead", "worker", "demo"):
         assert qtasks(command, "--help").returncode == 0
 
 
