@@ -332,3 +332,36 @@ async def test_a_final_left_in_the_bucket_only_is_published_again(
     finally:
         await backend.close()
         await delete_namespace(nats_url, prefix)
+
+
+async def test_fast_partials_travel_in_batches_and_arrive_whole_and_in_order(
+        nats_url: str, prefix: str) -> None:
+    """Partials yielded in one event-loop turn go out as one message: far fewer messages
+    than values in the results stream, and every reader (the submitter, a late reader, a
+    listener) still gets each value once, in order."""
+    count = 3000
+    backend = Backend(broker=lambda: NatsBroker(nats_url, prefix=prefix),
+                      results=lambda: NatsResultStore(nats_url, prefix=prefix))
+    try:
+        producer, worker_app, reader = backend.app(), backend.app(), backend.app()
+        listener = Drain(await reader.subscribe("count"))
+        async with running_worker(worker_app):
+            task = await producer.add_task("count", count)
+            async with asyncio.timeout(DEADLINE):
+                live = [v async for v in task.stream()]
+                late = [v async for v in reader.task_handle(task.id).stream()]
+                listened = []
+                while len(listened) < count:
+                    event = await listener.next()
+                    if event.kind == "partial":
+                        listened.append(event.value)
+        await listener.close()
+        assert live == late == listened == list(range(count))
+        store = producer.results_store
+        assert isinstance(store, NatsResultStore)
+        info = await store.conn.js.stream_info(store.stream)
+        assert info.state.messages < count // 5, \
+            f"{info.state.messages} messages for {count} partials: not batched"
+    finally:
+        await backend.close()
+        await delete_namespace(nats_url, prefix)

@@ -47,7 +47,15 @@ from nats.js.kv import KeyValue
 from brokers._nats import Connection, number, parse_url, token
 from qtasks.errors import MessageDecodeError, MessageTooLargeError
 from qtasks.interfaces import ResultStore
-from qtasks.protocol import ErrorInfo, ResultEvent, decode_result, encode, uuid7_time
+from qtasks.protocol import (
+    ErrorInfo,
+    ResultEvent,
+    decode_result,
+    decode_results,
+    encode,
+    encode_batch,
+    uuid7_time,
+)
 
 log = logging.getLogger("qtasks.nats.results")
 
@@ -58,6 +66,20 @@ HEADER_RESERVE = 512
 CHECKPOINT = 512
 #: How far before a UUIDv7's time a replay starts reading, for clock skew between hosts.
 CLOCK_SKEW = 300.0
+
+
+#: Most partials in one ``batch`` message.
+BATCH_MAX_EVENTS = 1000
+
+
+@dataclass
+class _Gathered:
+    """Partials of one task yielded in the same event-loop turn: one message for all."""
+
+    subject: str
+    task: str
+    bodies: list[bytes] = field(default_factory=list)
+    size: int = 0
 
 
 @dataclass
@@ -113,9 +135,12 @@ class _Inbox:
                 await self.changed.wait()
             msg = self.items.popleft()
             try:
-                yield decode_result(msg.data)
+                events = decode_results(msg.data)
             except MessageDecodeError as exc:
                 log.warning("skipping an undecodable result on %s: %s", msg.subject, exc)
+                continue
+            for event in events:
+                yield event
 
     async def close(self) -> None:
         if self.sub is not None:
@@ -168,6 +193,9 @@ class NatsResultStore(ResultStore):
         self._reply_sub: Subscription | None = None
         self._reply_lock = asyncio.Lock()
         self._unconfirmed: dict[str, _Unconfirmed] = {}
+        self._gathered: dict[str, _Gathered] = {}
+        self._full: deque[tuple[str, _Gathered]] = deque()
+        self._gathering: asyncio.Task[None] | None = None
 
     # -- names ---------------------------------------------------------------------
 
@@ -210,6 +238,9 @@ class NatsResultStore(ResultStore):
     async def close(self) -> None:
         if not self.conn.started:
             return
+        if self._gathering is not None:
+            with contextlib.suppress(Exception):
+                await self._gathering
         self._expected.clear()
         for inbox in self._watched.values():
             inbox.break_()
@@ -236,24 +267,15 @@ class NatsResultStore(ResultStore):
     async def publish(self, event: ResultEvent, body: bytes, reply_to: str | None = None) -> None:
         body = self._fit(event, body)
         subject = self.subject(event.task, event.id, reply_to)
+        if event.kind == "partial":
+            self._gather(event, subject, body)
+            return
+        await self._send_gathered(event.id)  # the partials before this event go first
         if event.kind != "final":
-            unconfirmed = self._unconfirmed.get(event.id)
-            if unconfirmed is None:
-                unconfirmed = self._unconfirmed[event.id] = _Unconfirmed(self.conn.epoch)
-            unconfirmed.sent.append((subject, body))
-            if unconfirmed.epoch != self.conn.epoch or not self.conn.nc.is_connected:
-                # The connection dropped since earlier events were sent (or is down): they
-                # may be lost, and a core publish now would overtake them (readers drop
-                # what comes after a later seq). All go again, in order, with PubAcks.
-                await self._confirm(unconfirmed)
-            else:
-                await self._send(subject, body)
-            if event.kind == "status":
-                await self._send(self.key_subject(event.id), body)
-            if event.kind == "status" and event.status != "running":
+            await self._send_event(event.id, subject, body)
+            await self._send(self.key_subject(event.id), body)
+            if event.status != "running":
                 await self._confirm(self._unconfirmed.pop(event.id))  # this run is over
-            elif len(unconfirmed.sent) >= CHECKPOINT:
-                await self._confirm(unconfirmed)
             return
         unconfirmed = self._unconfirmed.pop(event.id, None)
         if unconfirmed is not None:
@@ -264,6 +286,63 @@ class NatsResultStore(ResultStore):
             self.key_subject(event.id), body))
         await conn.retry(f"publish the final of {event.id}", lambda: conn.publish(
             subject, body, headers=headers, stream=self.stream))
+
+    def _gather(self, event: ResultEvent, subject: str, body: bytes) -> None:
+        """Partials go out at the end of the event-loop turn they were yielded in, all of
+        a task's in one message (a ``batch`` when more than one): a generator yielding
+        in a tight loop costs one message per turn, not per value, and one yielding now
+        and then still sends each at once."""
+        gathered = self._gathered.get(event.id)
+        limit = self.conn.max_payload - HEADER_RESERVE
+        if gathered is not None and (len(gathered.bodies) >= BATCH_MAX_EVENTS
+                                     or gathered.size + len(body) + 64 > limit):
+            self._full.append((event.id, self._gathered.pop(event.id)))  # older: first
+            gathered = None
+        if gathered is None:
+            gathered = self._gathered[event.id] = _Gathered(subject, event.task)
+        gathered.bodies.append(body)
+        gathered.size += len(body) + 1
+        if self._gathering is None or self._gathering.done():
+            self._gathering = asyncio.ensure_future(self._send_all_gathered())
+
+    async def _send_all_gathered(self) -> None:
+        while self._full or self._gathered:
+            if self._full:
+                task_id, gathered = self._full.popleft()
+            else:
+                task_id = next(iter(self._gathered))
+                gathered = self._gathered.pop(task_id)
+            await self._send_message(task_id, gathered)
+
+    async def _send_gathered(self, task_id: str) -> None:
+        """Before another event of the task: what was gathered for it, and whatever a
+        send already under way holds, is handed to the client first."""
+        if self._gathering is not None and not self._gathering.done():
+            await asyncio.shield(self._gathering)  # sends everything gathered so far
+        gathered = self._gathered.pop(task_id, None)
+        if gathered is not None:
+            await self._send_message(task_id, gathered)
+
+    async def _send_message(self, task_id: str, gathered: _Gathered) -> None:
+        bodies = gathered.bodies
+        body = bodies[0] if len(bodies) == 1 else encode_batch(task_id, gathered.task, bodies)
+        await self._send_event(task_id, gathered.subject, body)
+
+    async def _send_event(self, task_id: str, subject: str, body: bytes) -> None:
+        """A core publish into the results stream, remembered until proven stored."""
+        unconfirmed = self._unconfirmed.get(task_id)
+        if unconfirmed is None:
+            unconfirmed = self._unconfirmed[task_id] = _Unconfirmed(self.conn.epoch)
+        unconfirmed.sent.append((subject, body))
+        if unconfirmed.epoch != self.conn.epoch or not self.conn.nc.is_connected:
+            # The connection dropped since earlier events were sent (or is down): they may
+            # be lost, and a core publish now would overtake them (readers drop what comes
+            # after a later seq). All go again, in order, with PubAcks.
+            await self._confirm(unconfirmed)
+        else:
+            await self._send(subject, body)
+            if len(unconfirmed.sent) >= CHECKPOINT:
+                await self._confirm(unconfirmed)
 
     async def _send(self, subject: str, body: bytes) -> None:
         """Core publish; while the client cannot buffer it (a long outage), wait for a
