@@ -23,15 +23,13 @@ import threading
 import time
 import venv
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
 from integration.nats_support import delete_namespace_sync
 from integration.processes import ROOT
 from integration.rabbitmq_support import delete_namespace as delete_rabbitmq_namespace
-from tests.test_compose import COMPOSE, compose_command
+from tests.test_compose import COMPOSE, compose_config
 
 DEADLINE = 90.0
 
@@ -110,19 +108,6 @@ class Service:
             self.proc.wait(10)
 
 
-def resolved(file: str, signing_key: str) -> dict[str, Any]:
-    command = compose_command()
-    if command is None:
-        if os.environ.get("CI"):
-            pytest.fail("no docker compose client in CI")
-        pytest.skip("no docker compose client")
-    done = subprocess.run([*command, "-f", str(COMPOSE / file), "config"], cwd=COMPOSE,
-                          capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "QTASKS_SIGNING_KEY": signing_key})
-    assert done.returncode == 0, done.stderr
-    return yaml.safe_load(done.stdout)["services"]  # type: ignore[no-any-return]
-
-
 def local(url: str, host: str, local_url: str, prefix: str) -> str:
     """The service's URL pointed at this machine's broker (its credentials, if any), in
     the test's namespace."""
@@ -139,7 +124,7 @@ def local(url: str, host: str, local_url: str, prefix: str) -> str:
 def test_compose_services_run_as_configured(broker: str, image: Path, prefix: str,
                                             rabbitmq_url: str, nats_url: str) -> None:
     key = "compose-test-signing-key"
-    config = resolved(f"{broker}.yml", key)
+    config = compose_config(f"{broker}.yml", {"QTASKS_SIGNING_KEY": key})["services"]
     local_url = rabbitmq_url if broker == "rabbitmq" else nats_url
     bin_dir = image / "venv" / "bin"
     services: list[Service] = []

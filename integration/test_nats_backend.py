@@ -33,6 +33,7 @@ from tests.contract import (
     redeliver_with_final,
     running_worker,
     settled,
+    three_readers,
 )
 
 DEADLINE = 20.0
@@ -347,15 +348,7 @@ async def test_fast_partials_travel_in_batches_and_arrive_whole_and_in_order(
         listener = Drain(await reader.subscribe("count"))
         async with running_worker(worker_app):
             task = await producer.add_task("count", count)
-            async with asyncio.timeout(DEADLINE):
-                live = [v async for v in task.stream()]
-                late = [v async for v in reader.task_handle(task.id).stream()]
-                listened = []
-                while len(listened) < count:
-                    event = await listener.next()
-                    if event.kind == "partial":
-                        listened.append(event.value)
-        await listener.close()
+            live, late, listened = await three_readers(task, reader, listener, count)
         assert live == late == listened == list(range(count))
         store = producer.results_store
         assert isinstance(store, NatsResultStore)

@@ -35,7 +35,7 @@ from qtasks import (
 )
 from qtasks.protocol import ResultEvent, encode, uuid7
 from results.rabbitmq import RabbitMQResultStore
-from tests.contract import Drain, running_worker
+from tests.contract import Drain, running_worker, three_readers
 
 DEADLINE = 30.0
 
@@ -393,15 +393,7 @@ async def test_fast_partials_travel_in_batches_and_arrive_whole_and_in_order(
     listener = Drain(await reader.subscribe("squares"))
     async with running_worker(app):
         task = await namespace.app().add_task("squares", count)
-        async with asyncio.timeout(DEADLINE):
-            live = [v async for v in task.stream()]
-            late = [v async for v in reader.task_handle(task.id).stream()]
-            listened = []
-            while len(listened) < count:
-                event = await listener.next()
-                if event.kind == "partial":
-                    listened.append(event.value)
-    await listener.close()
+        live, late, listened = await three_readers(task, reader, listener, count)
     expected = [i * i for i in range(count)]
     assert live == late == listened == expected
     depth = await asyncio.to_thread(

@@ -42,6 +42,18 @@ async def first_file(directory: Path, pattern: str, timeout: float = DEADLINE) -
     return found[0]
 
 
+async def restart_rabbitmq(base_url: str) -> None:
+    """``rabbitmqctl stop_app`` then ``start_app``; whatever happens, RabbitMQ runs and
+    answers again before this returns (other tests share it)."""
+    try:
+        await asyncio.to_thread(rabbitmqctl, "stop_app")
+        await asyncio.to_thread(rabbitmqctl, "start_app")
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(rabbitmqctl, "start_app")
+        await wait_for_rabbitmq(base_url)
+
+
 async def test_two_worker_processes_share_the_load(namespace: Namespace) -> None:
     producer = namespace.app()
     with workers(namespace.env, count=2, concurrency=2) as procs:
@@ -150,17 +162,10 @@ async def test_broker_restart_mid_load_loses_no_confirmed_task(namespace: Namesp
 
     with workers(namespace.env, count=2, concurrency=10) as procs:
         load = asyncio.create_task(produce(150))
-        try:
-            async with asyncio.timeout(DEADLINE):
-                while len(confirmed) < 30:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)  # until the load is under way, bounded
-            await asyncio.to_thread(rabbitmqctl, "stop_app")
-            await asyncio.to_thread(rabbitmqctl, "start_app")
-        finally:
-            # Whatever happened above, RabbitMQ runs again before anything else.
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(rabbitmqctl, "start_app")
-            await wait_for_rabbitmq(namespace.base_url)
+        async with asyncio.timeout(DEADLINE):
+            while len(confirmed) < 30:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)  # until the load is under way, bounded
+        await restart_rabbitmq(namespace.base_url)
         await asyncio.wait_for(load, DEADLINE)
         async with asyncio.timeout(2 * DEADLINE):
             for task, i in confirmed:
@@ -182,13 +187,7 @@ async def test_broker_restart_mid_stream_loses_no_partial(namespace: Namespace) 
         task = await producer.add_task("countdown", count, pause=0.02)
         values = task.stream()
         received = [await anext(values) for _ in range(20)]
-        try:
-            await asyncio.to_thread(rabbitmqctl, "stop_app")
-            await asyncio.to_thread(rabbitmqctl, "start_app")
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(rabbitmqctl, "start_app")
-            await wait_for_rabbitmq(namespace.base_url)
+        await restart_rabbitmq(namespace.base_url)
         async with asyncio.timeout(DEADLINE):
             received += [v async for v in values]
         done = await task.wait(DEADLINE)

@@ -27,6 +27,7 @@ from qtasks import (
     QueueTasks,
     Restarted,
     ResultStore,
+    Task,
     TaskMessage,
     TaskStatus,
     TaskTimeoutError,
@@ -240,6 +241,22 @@ async def publish_one(app: QueueTasks, queue: str) -> bytes:
     message, body = task_message(queue)
     await app.broker.publish(message, body)
     return body
+
+
+async def three_readers(task: Task, reader: QueueTasks, listener: Drain,
+                        count: int) -> tuple[list[Any], list[Any], list[Any]]:
+    """The partial values of ``task`` as its submitter's ``stream()``, a late reader's
+    ``stream()`` by id, and a listener subscribed before it ran each saw them."""
+    async with asyncio.timeout(DEADLINE):
+        live = [v async for v in task.stream()]
+        late = [v async for v in reader.task_handle(task.id).stream()]
+        listened = []
+        while len(listened) < count:
+            event = await listener.next()
+            if event.kind == "partial":
+                listened.append(event.value)
+    await listener.close()
+    return live, late, listened
 
 
 async def settled(worker: Worker, count: int) -> None:
