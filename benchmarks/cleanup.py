@@ -56,20 +56,18 @@ async def rabbitmq(run_prefix: str, known_queues: list[str]) -> list[str]:
     deleted: list[str] = []
     connection = await aio_pika.connect(AMQP_URL)
     try:
-        for name in queues:
-            if _mine(name, run_prefix):
+        for kind, names in (("queue", queues), ("exchange", exchanges)):
+            for name in names:
+                if not _mine(name, run_prefix):
+                    continue
+                # A channel each: a failed delete closes its channel.
                 channel = await connection.channel()
                 with contextlib.suppress(Exception):
-                    await channel.queue_delete(name)
-                    deleted.append(f"queue {name}")
-                with contextlib.suppress(Exception):
-                    await channel.close()
-        for name in exchanges:
-            if _mine(name, run_prefix):
-                channel = await connection.channel()
-                with contextlib.suppress(Exception):
-                    await channel.exchange_delete(name)
-                    deleted.append(f"exchange {name}")
+                    if kind == "queue":
+                        await channel.queue_delete(name)
+                    else:
+                        await channel.exchange_delete(name)
+                    deleted.append(f"{kind} {name}")
                 with contextlib.suppress(Exception):
                     await channel.close()
     finally:

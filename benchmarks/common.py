@@ -82,3 +82,31 @@ async def windowed(count: int, window: int, op: Callable[[int], Awaitable[None]]
     finally:
         for lane_task in lanes:
             lane_task.cancel()
+
+
+async def timed_windowed(count: int, window: int, op: Callable[[int], Awaitable[None]],
+                         deadline: float) -> dict[str, Any]:
+    """``windowed``, timed: the result a raw client reports (wall clock, so that a peer
+    process's timestamps compare with it)."""
+    t0 = time.time()
+    await windowed(count, window, op, deadline)
+    t1 = time.time()
+    return {"t0": t0, "t1": t1, "rate": count / (t1 - t0), "loop": loop_name()}
+
+
+class Replies:
+    """Requests waiting for their reply, by key: ``expect`` before sending, ``resolve``
+    when the reply comes."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, asyncio.Future[None]] = {}
+
+    def expect(self, key: str) -> asyncio.Future[None]:
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[key] = future
+        return future
+
+    def resolve(self, key: str) -> None:
+        future = self._waiting.pop(key, None)
+        if future is not None and not future.done():
+            future.set_result(None)

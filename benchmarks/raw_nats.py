@@ -26,7 +26,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
-from benchmarks.common import NATS_URL, emit_ready, loop_name, windowed
+from benchmarks.common import NATS_URL, Replies, emit_ready, loop_name, timed_windowed
 
 BODY = b"x" * 200
 REPLY_HEADER = "Bench-Reply"
@@ -82,12 +82,9 @@ async def client_publish(base: str, n: int, window: int, timeout: float) -> dict
         async def op(_: int) -> None:
             await js.publish(subject, BODY)
 
-        t0 = time.time()
-        await windowed(n, window, op, deadline)
-        t1 = time.time()
+        return await timed_windowed(n, window, op, deadline)
     finally:
         await nc.close()
-    return {"t0": t0, "t1": t1, "rate": n / (t1 - t0), "loop": loop_name()}
 
 
 async def client_rtt(base: str, n: int, window: int, timeout: float) -> dict[str, Any]:
@@ -95,15 +92,12 @@ async def client_rtt(base: str, n: int, window: int, timeout: float) -> dict[str
     nc, js = await _connect()
     n_ = names(base)
     reply_id = uuid.uuid4().hex
-    waiting: dict[str, asyncio.Future[None]] = {}
-    loop = asyncio.get_running_loop()
+    replies = Replies()
     try:
         await _topology(js, base)
 
         async def on_reply(msg: Msg) -> None:
-            future = waiting.pop(msg.subject.rpartition(".")[2], None)
-            if future is not None and not future.done():
-                future.set_result(None)
+            replies.resolve(msg.subject.rpartition(".")[2])
 
         await nc.subscribe(f"{n_['result_subject']}.{reply_id}.*", cb=on_reply,
                            pending_msgs_limit=-1, pending_bytes_limit=-1)
@@ -111,18 +105,13 @@ async def client_rtt(base: str, n: int, window: int, timeout: float) -> dict[str
         headers = {REPLY_HEADER: f"{n_['result_subject']}.{reply_id}"}
 
         async def op(i: int) -> None:
-            key = str(i)
-            future = loop.create_future()
-            waiting[key] = future
-            await js.publish(n_["task_subject"], BODY, headers={**headers, "Bench-Id": key})
-            await future
+            replied = replies.expect(str(i))
+            await js.publish(n_["task_subject"], BODY, headers={**headers, "Bench-Id": str(i)})
+            await replied
 
-        t0 = time.time()
-        await windowed(n, window, op, deadline)
-        t1 = time.time()
+        return await timed_windowed(n, window, op, deadline)
     finally:
         await nc.close()
-    return {"t0": t0, "t1": t1, "rate": n / (t1 - t0), "loop": loop_name()}
 
 
 async def client_stream(base: str, n: int, timeout: float, latency: bool) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
-from benchmarks.common import AMQP_URL, emit_ready, loop_name, windowed
+from benchmarks.common import AMQP_URL, Replies, emit_ready, loop_name, timed_windowed, windowed
 
 PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
 BODY = b"x" * 200  # about the size of an encoded QTasks task message
@@ -74,12 +74,9 @@ async def client_publish(base: str, n: int, window: int, timeout: float) -> dict
             await exchange.publish(aio_pika.Message(BODY, delivery_mode=PERSISTENT),
                                    routing_key=queue.name)
 
-        t0 = time.time()
-        await windowed(n, window, op, deadline)
-        t1 = time.time()
+        return await timed_windowed(n, window, op, deadline)
     finally:
         await connection.close()
-    return {"t0": t0, "t1": t1, "rate": n / (t1 - t0), "loop": loop_name()}
 
 
 async def client_rtt(base: str, n: int, window: int, timeout: float) -> dict[str, Any]:
@@ -92,38 +89,24 @@ async def client_rtt(base: str, n: int, window: int, timeout: float) -> dict[str
         queue, exchange = await _topology(channel, base)
         replies = await channel.declare_queue(exclusive=True, auto_delete=True)
         await replies.bind(exchange, f"{reply_id}.#")
-        received = 0
-        done = asyncio.Event()
-        waiting: dict[str, asyncio.Future[None]] = {}
+        waiting = Replies()
 
         async def on_reply(message: AbstractIncomingMessage) -> None:
-            nonlocal received
-            future = waiting.pop(message.correlation_id or "", None)
-            if future is not None and not future.done():
-                future.set_result(None)
-                received += 1
-                if received >= n:
-                    done.set()
+            waiting.resolve(message.correlation_id or "")
 
         await replies.consume(on_reply, no_ack=True)
-        loop = asyncio.get_running_loop()
         target = channel.default_exchange
 
         async def op(i: int) -> None:
-            key = str(i)
-            future = loop.create_future()
-            waiting[key] = future
+            replied = waiting.expect(str(i))
             await target.publish(
-                aio_pika.Message(BODY, delivery_mode=PERSISTENT, correlation_id=key,
+                aio_pika.Message(BODY, delivery_mode=PERSISTENT, correlation_id=str(i),
                                  reply_to=reply_id), routing_key=queue.name)
-            await future
+            await replied
 
-        t0 = time.time()
-        await windowed(n, window, op, deadline)
-        t1 = time.time()
+        return await timed_windowed(n, window, op, deadline)
     finally:
         await connection.close()
-    return {"t0": t0, "t1": t1, "rate": n / (t1 - t0), "loop": loop_name()}
 
 
 async def client_stream(base: str, n: int, timeout: float, latency: bool) -> dict[str, Any]:

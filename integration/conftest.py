@@ -7,25 +7,18 @@ set: in CI the broker tests must run, never silently skip.
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 
 import pytest
+
+from integration.net import reachable
 
 RABBITMQ_URL = os.environ.get("QTASKS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 NATS_URL = os.environ.get("QTASKS_TEST_NATS_URL", "nats://127.0.0.1:4222")
 
 
-def _reachable(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
 def require_server(name: str, port: int) -> None:
-    if _reachable("127.0.0.1", port):
+    if reachable(port):
         return
     message = f"{name} is not reachable at 127.0.0.1:{port}"
     if os.environ.get("CI"):

@@ -18,6 +18,8 @@ import nats
 import orjson
 from nats.js.errors import NotFoundError
 
+from integration.net import free_port
+
 NATS_START = [
     "start-stop-daemon", "--start", "--oknodo", "--background", "--exec",
     "/usr/sbin/nats-server", "--", "-a", "127.0.0.1", "-p", "4222", "-js", "-sd",
@@ -109,9 +111,7 @@ def _alive(pid: int) -> bool:
 def private_server(directory: str, config: str = "", jetstream: bool = True) -> Iterator[int]:
     """A throw-away nats-server with JetStream on a free port (``config`` is extra
     configuration-file text: authorization, max_payload ...); yields its port."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
+    port = free_port()
     conf = os.path.join(directory, "nats.conf")
     with open(conf, "w") as out:
         out.write(f'listen: "127.0.0.1:{port}"\n{config}\n')

@@ -13,7 +13,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,6 +20,8 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from integration.net import free_port, reachable
 
 
 @dataclass(frozen=True)
@@ -54,20 +55,6 @@ def certificates(directory: Path) -> Certificates:
         path.chmod(0o644)  # the broker runs as its own user
     return Certificates(*(str(directory / name) for name in (
         "ca.pem", "server.pem", "server.key", "client.pem", "client.key")))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -126,7 +113,7 @@ def private_rabbitmq_tls(timeout: float = 120.0) -> Iterator[TlsNode]:
                                 start_new_session=True, cwd=base)
     try:
         deadline = time.monotonic() + timeout
-        while not answers(tls_port):
+        while not reachable(tls_port):
             if proc.poll() is not None or time.monotonic() > deadline:
                 output = (base / "server.out").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"the private RabbitMQ node did not start:\n{output}")
