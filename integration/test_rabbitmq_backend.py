@@ -401,3 +401,45 @@ async def test_fast_partials_travel_in_batches_and_arrive_whole_and_in_order(
     stored = next(int(line.split()[1]) for line in depth.splitlines()
                   if line.split()[0] == f"{namespace.prefix}.results.stream")
     assert stored < count // 5, f"{stored} messages for {count} partials: not batched"
+
+
+async def test_finals_of_quick_tasks_are_committed_in_groups_and_reach_only_their_readers(
+        namespace: Namespace) -> None:
+    """Many tasks finishing at once have their finals stored as a few grouped messages,
+    yet each reader gets exactly its own: the submitter's ``wait``, another process's
+    live ``wait`` by id (bound before the task ran), a late ``get`` by id, and a listener
+    of one task name, which must not see the other task's finals from the same group."""
+    count = 300
+    app, submitter, other = worker_app(namespace), namespace.app(), namespace.app()
+
+    @app.task(name="negate")
+    async def negate(n: int) -> int:
+        return -n
+
+    adds_heard = Drain(await other.subscribe("add"))
+    adds = [await submitter.add_task("add", i, 1) for i in range(count)]
+    negated = [await submitter.add_task("negate", i) for i in range(count)]
+    followed = [asyncio.ensure_future(other.task_handle(t.id).wait(DEADLINE))
+                for t in adds[::10]]
+    async with running_worker(app), asyncio.timeout(DEADLINE):
+        done = [await t.wait() for t in adds + negated]
+        assert [t.returning for t in done] == [i + 1 for i in range(count)] + \
+            [-i for i in range(count)]
+        assert [t.returning for t in await asyncio.gather(*followed)] == \
+            [i + 1 for i in range(0, count, 10)]
+        late = [await other.get(t.id) for t in adds[::30] + negated[::30]]
+        assert [t.returning for t in late] == \
+            [i + 1 for i in range(0, count, 30)] + [-i for i in range(0, count, 30)]
+        heard = []
+        while len(heard) < count:
+            event = await adds_heard.next()
+            assert event.task == "add", f"a listener of 'add' got {event}"
+            if event.kind == "final":
+                heard.append(event.returning)
+        assert sorted(heard) == [i + 1 for i in range(count)]
+    await adds_heard.close()
+    depth = await asyncio.to_thread(
+        rabbitmqctl, "list_queues", "name", "messages", "--quiet", "--no-table-headers")
+    stored = next(int(line.split()[1]) for line in depth.splitlines()
+                  if line.split()[0] == f"{namespace.prefix}.results.stream")
+    assert stored < count, f"{stored} messages for {2 * count} finals: not grouped"

@@ -273,9 +273,10 @@ def decode_results(body: bytes) -> list[ResultEvent]:
     return [_result_of(event) for event in events]
 
 
-def encode_batch(task_id: str, task: str, bodies: list[bytes]) -> bytes:
-    """One message of several encoded partials of one task, in order: their bytes are
-    reused as they are."""
+def encode_batch(task_id: str | None, task: str | None, bodies: list[bytes]) -> bytes:
+    """One message of several encoded events, in order: the partials of one task, or
+    (``task_id`` and ``task`` None) the finals of several. Their bytes are reused as they
+    are."""
     head = orjson.dumps({"v": VERSION, "kind": "batch", "id": task_id, "task": task})
     return head[:-1] + b',"events":[' + b",".join(bodies) + b"]}"
 

@@ -18,6 +18,13 @@ Partials and statuses are pipelined (the publish returns once the frame is writt
 final waits for the confirms of every earlier event of its task, re-publishes any that
 failed, and is itself confirmed before ``publish`` returns, because the worker acks the
 task right after.
+
+Finals are group-committed: the finals of different tasks that are ready while
+``FINALS_IN_FLIGHT`` final messages await their confirm go out together as one ``batch``
+message, routed with every task's key (the first as routing key, the others in the
+``CC`` header, the submitters' inboxes in ``BCC``). Each of its tasks is acked only after
+that message is confirmed, exactly as for a final sent alone; under load the broker
+stores and routes one message per group instead of one per task.
 """
 
 from __future__ import annotations
@@ -73,6 +80,14 @@ MAX_UNWATCHED_EVENTS = 10_000
 BATCH_AFTER = 8
 BATCH_MAX_EVENTS = 1000
 BATCH_MAX_BYTES = 256 * 1024
+#: Final messages awaiting their confirm before the next finals wait and go out together.
+#: A final that finds fewer in flight leaves at once (at the end of the event-loop turn,
+#: with the finals of that turn): grouping costs no latency at a low rate.
+FINALS_IN_FLIGHT = 2
+FINALS_MAX_EVENTS = 256
+FINALS_MAX_BYTES = 256 * 1024
+#: The routing keys of a group travel in its content header, which must fit one frame.
+FINALS_MAX_KEY_BYTES = 32 * 1024
 #: Events already read by every watcher are dropped once a buffer holds this many.
 TRIM_AT = 1024
 STREAM_PREFETCH = 1000
@@ -128,6 +143,16 @@ class _Pending:
     @property
     def failed(self) -> bool:
         return self.future.cancelled() or self.future.exception() is not None
+
+
+@dataclass(slots=True)
+class _Final:
+    """A final waiting for its group's confirm."""
+
+    event: ResultEvent
+    body: bytes
+    reply_to: str | None
+    stored: asyncio.Future[None]
 
 
 class _Buffer:
@@ -232,6 +257,9 @@ class RabbitMQResultStore(ResultStore):
         self._failed: dict[str, list[_Pending]] = {}
         self._batches: dict[str, _Batch] = {}
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._finals: deque[_Final] = deque()
+        self._finals_in_flight = 0
+        self._finals_scheduled = False
         self._restored = asyncio.Event()
         #: Set while the stream queue takes writes; see ``_await_stream``.
         self._stream_ready = asyncio.Event()
@@ -425,11 +453,8 @@ class RabbitMQResultStore(ResultStore):
             await self._stream_writable()
         if event.kind == "final":
             await self._flush(event.id)
-            properties, key = self._envelope(event.id, event.task, event.attempt, "final",
-                                             event.status, reply_to)
             await retrying(self.settings, f"publishing the final result of task {event.id}",
-                           lambda: self._send(body, properties, key,
-                                              timeout=self.settings.publish_timeout))
+                           lambda: self._commit_final(event, body, reply_to))
             return
         if self._failed.get(event.id):
             # An earlier event of this task was not confirmed (the connection dropped): it
@@ -521,6 +546,78 @@ class RabbitMQResultStore(ResultStore):
             # Not slotted: at most one batch per confirm, BATCH_AFTER per task in flight.
             self._pipeline(task_id, *self._batch_message(task_id), slotted=False)
 
+    async def _commit_final(self, event: ResultEvent, body: bytes,
+                            reply_to: str | None) -> None:
+        """Returns once the final is confirmed, alone or in a group (see the module's
+        docstring); raises what its group's publish raised."""
+        final = _Final(event, body, reply_to, asyncio.get_running_loop().create_future())
+        self._finals.append(final)
+        self._schedule_finals()
+        await final.stored
+
+    def _schedule_finals(self) -> None:
+        if self._finals and not self._finals_scheduled \
+                and self._finals_in_flight < FINALS_IN_FLIGHT:
+            self._finals_scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_finals)
+
+    def _send_finals(self) -> None:
+        """Publish the waiting finals (as many as one message takes) without waiting for
+        the confirm; ``_finals_sent`` settles them."""
+        self._finals_scheduled = False
+        group: list[_Final] = []
+        size = keys = 0
+        while self._finals and len(group) < FINALS_MAX_EVENTS:
+            final = self._finals[0]
+            key_size = len(routing_key(final.event.task, final.event.id)) + len(
+                final.reply_to or "") + 16
+            if group and (size + len(final.body) > FINALS_MAX_BYTES
+                          or keys + key_size > FINALS_MAX_KEY_BYTES):
+                break
+            self._finals.popleft()
+            if not final.stored.done():  # not abandoned by a cancelled publish
+                group.append(final)
+                size += len(final.body)
+                keys += key_size
+        if not group:
+            return
+        body, properties, key = self._finals_message(group)
+        self._finals_in_flight += 1
+        sent = asyncio.ensure_future(self._send(body, properties, key,
+                                                timeout=self.settings.publish_timeout))
+        sent.add_done_callback(lambda done: self._finals_sent(group, done))
+        self._schedule_finals()
+
+    def _finals_message(self, group: list[_Final]) -> tuple[bytes, spec.Basic.Properties, str]:
+        first = group[0]
+        if len(group) == 1:
+            event = first.event
+            properties, key = self._envelope(event.id, event.task, event.attempt, "final",
+                                             event.status, first.reply_to)
+            return first.body, properties, key
+        keys = list(dict.fromkeys(routing_key(f.event.task, f.event.id) for f in group))
+        replies = list(dict.fromkeys(f.reply_to for f in group if f.reply_to))
+        headers: dict[str, Any] = {"CC": keys[1:]}
+        if replies:
+            headers["BCC"] = replies
+        properties = spec.Basic.Properties(
+            delivery_mode=2, content_type="application/json", message_type="batch",
+            app_id="qtasks", headers=headers,
+            message_id=f"{first.event.id}.{first.event.attempt}.finals.{len(group)}")
+        return encode_batch(None, None, [f.body for f in group]), properties, keys[0]
+
+    def _finals_sent(self, group: list[_Final], sent: asyncio.Future[None]) -> None:
+        self._finals_in_flight -= 1
+        error = asyncio.CancelledError() if sent.cancelled() else sent.exception()
+        for final in group:
+            if final.stored.done():
+                continue
+            if error is None:
+                final.stored.set_result(None)
+            else:
+                final.stored.set_exception(error)
+        self._schedule_finals()
+
     async def _flush(self, task_id: str) -> None:
         """Every earlier event of the task confirmed; failed ones published again."""
         queue = self._pending.pop(task_id, None)
@@ -573,7 +670,17 @@ class RabbitMQResultStore(ResultStore):
 
     async def _on_inbox(self, message: DeliveredMessage) -> None:
         task_id = message.header.properties.correlation_id
-        buffer = self._buffers.get(task_id or "")
+        if task_id is None:  # the finals of several tasks
+            try:
+                events = decode_results(message.body)
+            except MessageDecodeError as exc:
+                log.error("ignoring an undecodable batch of final results: %s", exc)
+                return
+            for event in events:
+                if (buffer := self._buffers.get(event.id)) is not None:
+                    buffer.receive(event)
+            return
+        buffer = self._buffers.get(task_id)
         if buffer is None:
             return  # a task nobody here waits for (any more)
         try:
@@ -759,7 +866,9 @@ class RabbitMQResultStore(ResultStore):
                 properties = message.header.properties
                 if properties.message_id == probe:
                     return
-                if properties.correlation_id in task_ids:
+                grouped = properties.correlation_id is None \
+                    and properties.message_type == "batch"  # finals of several tasks
+                if grouped or properties.correlation_id in task_ids:
                     try:
                         events = decode_results(message.body)
                     except MessageDecodeError as exc:
@@ -767,7 +876,8 @@ class RabbitMQResultStore(ResultStore):
                                   properties.correlation_id, exc)
                         continue
                     for event in events:
-                        yield event
+                        if event.id in task_ids:
+                            yield event
         except _Interrupted:
             raise
         except Exception as exc:
@@ -810,10 +920,10 @@ class RabbitMQResultStore(ResultStore):
         except BaseException:
             await quietly(channel.close())
             raise
-        return self._listening(channel, queue, tag, received)
+        return self._listening(channel, queue, tag, received, task_name)
 
     async def _listening(self, channel: AbstractRobustChannel, queue: AbstractQueue, tag: str,
-                         received: asyncio.Queue[AbstractIncomingMessage],
+                         received: asyncio.Queue[AbstractIncomingMessage], task_name: str,
                          ) -> AsyncIterator[ResultEvent]:
         unacked = 0
         try:
@@ -830,7 +940,8 @@ class RabbitMQResultStore(ResultStore):
                     log.error("skipping an undecodable result event: %s", exc)
                     continue
                 for event in events:
-                    yield event
+                    if task_name in ("*", event.task):  # a group of finals holds others
+                        yield event
         finally:
             # Cancelled first, so that the robust channel does not restore the consumer;
             # the queue (auto-delete) goes with it.
