@@ -10,18 +10,19 @@ Layout (all names derive from ``prefix``, see ``docs/nats.md``):
 - KV bucket ``{prefix}_status`` (stream ``KV_{prefix}_status``) keeps, under the encoded
   task id, the task's newest ``status`` or ``final`` event, for ``get``.
 
-Speed and durability: statuses and partials go out as core-NATS publishes into the
-stream's subject (the stream stores them; one connection keeps their order) without
-waiting for a PubAck each. Before the final, a flush proves the server has them all, and
-if the connection dropped since they were sent they are published again with a PubAck
-awaited (consumers de-duplicate by ``(attempt, seq)``). The final is published with its
-PubAck awaited, then put in the KV bucket, and only then does ``publish`` return: the
-worker acks the task after that.
+Speed and durability: every event goes out as a core-NATS publish into the stream's
+subject (the stream stores it; one connection keeps their order) without waiting for a
+PubAck each. A final is first put in the KV bucket with its PubAck awaited, then
+published like the others, and then a flush (one PING shared by every final of that
+moment) proves the server has received all of the task's events; only then does
+``publish`` return, and the worker acks the task. If the connection dropped since any of
+them was sent, they are all published again, in order, each with its PubAck awaited
+(readers de-duplicate by ``(attempt, seq)``, and a final ends their stream).
 
 The final goes to the bucket first, then to the stream: whoever saw the final in the
 stream (``wait``) finds it with ``get``. A worker that dies between the two leaves the
-task unacked; its redelivery finds the final in the bucket and publishes it again
-(``Nats-Msg-Id`` makes that a no-op if the stream already had it), then acks.
+task unacked; its redelivery finds the final in the bucket and publishes it again (a
+duplicate at worst), then acks.
 """
 
 from __future__ import annotations
@@ -277,15 +278,11 @@ class NatsResultStore(ResultStore):
             if event.status != "running":
                 await self._confirm(self._unconfirmed.pop(event.id))  # this run is over
             return
-        unconfirmed = self._unconfirmed.pop(event.id, None)
-        if unconfirmed is not None:
-            await self._confirm(unconfirmed)
         conn = self.conn
-        headers = {"Nats-Msg-Id": f"{event.id}:{event.attempt}:final"}
         await conn.retry(f"store the final of {event.id}", lambda: conn.publish(
             self.key_subject(event.id), body))
-        await conn.retry(f"publish the final of {event.id}", lambda: conn.publish(
-            subject, body, headers=headers, stream=self.stream))
+        await self._send_event(event.id, subject, body)
+        await self._confirm(self._unconfirmed.pop(event.id))
 
     def _gather(self, event: ResultEvent, subject: str, body: bytes) -> None:
         """Partials go out at the end of the event-loop turn they were yielded in, all of
