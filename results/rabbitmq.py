@@ -83,7 +83,7 @@ BATCH_MAX_BYTES = 256 * 1024
 #: Final messages awaiting their confirm before the next finals wait and go out together.
 #: A final that finds fewer in flight leaves at once (at the end of the event-loop turn,
 #: with the finals of that turn): grouping costs no latency at a low rate.
-FINALS_IN_FLIGHT = 2
+FINALS_IN_FLIGHT = 1
 FINALS_MAX_EVENTS = 256
 FINALS_MAX_BYTES = 256 * 1024
 #: The routing keys of a group travel in its content header, which must fit one frame.
