@@ -24,41 +24,11 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
+from brokers._nats_client import CoalescingClient
 from brokers._nats_pubacks import PubAcks
 from qtasks.errors import BrokerUnavailableError, ConfigurationError
 
 log = logging.getLogger("qtasks.nats")
-
-
-class _CoalescingClient(Client):
-    """nats-py's client, writing to the socket at most once per event-loop turn.
-
-    nats-py wakes its flusher on the first command after a write, and the flusher writes
-    what is pending as soon as it runs: often in the same turn, before the other tasks of
-    that turn have added theirs. A worker thus made several small writes (syscalls) per
-    task, 31 % of its time in profiles. Waiting one turn first lets every command of the
-    turn go out in one write; a command waits at most that one turn.
-    """
-
-    async def _flusher(self) -> None:
-        while self.is_connected and not self.is_connecting:
-            future: asyncio.Future[None] = await self._flush_queue.get()  # type: ignore[union-attr]
-            try:
-                await asyncio.sleep(0)
-                if self._pending_data_size > 0:
-                    self._transport.writelines(self._pending[:])  # type: ignore[union-attr]
-                    self._pending = []
-                    self._pending_data_size = 0
-                    await self._transport.drain()  # type: ignore[union-attr]
-            except OSError as exc:
-                await self._error_cb(exc)
-                await self._process_op_err(exc)
-                break
-            except (asyncio.CancelledError, RuntimeError, AttributeError):
-                break
-            finally:
-                if not future.done():
-                    future.set_result(None)
 
 T = TypeVar("T")
 
@@ -197,7 +167,7 @@ class Connection:
         self.servers = servers
         self.options = options
         self.role = role
-        self.nc: Client = _CoalescingClient()
+        self.nc = CoalescingClient()
         self.epoch = 0
         self.reconnect_listeners: list[Callable[[], None]] = []
         self.slow_consumer_listeners: list[Callable[[Subscription], None]] = []
@@ -228,7 +198,7 @@ class Connection:
         deadline = time.monotonic() + self.connect_timeout
         delay = 0.1
         while True:
-            nc = _CoalescingClient()
+            nc = CoalescingClient()
             self.last_error = None
             try:
                 await asyncio.wait_for(nc.connect(

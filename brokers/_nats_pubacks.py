@@ -25,9 +25,10 @@ import uuid
 import nats.errors
 import nats.js.errors
 import orjson
-from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+
+from brokers._nats_client import CoalescingClient
 
 #: Header naming the stream a publish must land in (JetStream refuses it otherwise).
 EXPECTED_STREAM = "Nats-Expected-Stream"
@@ -48,7 +49,7 @@ class PubAcks:
         self._sub: Subscription | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
-    async def start(self, nc: Client) -> None:
+    async def start(self, nc: CoalescingClient) -> None:
         """Subscribe to the inbox (nats-py subscribes again after a reconnect)."""
         self._sub = await nc.subscribe(self._prefix + "*", cb=self._on_ack,
                                        pending_msgs_limit=1 << 20)
@@ -61,7 +62,7 @@ class PubAcks:
                 await self._sweeper
         self.fail_all(nats.errors.ConnectionClosedError())
 
-    async def publish(self, nc: Client, subject: str, body: bytes,
+    async def publish(self, nc: CoalescingClient, subject: str, body: bytes,
                       headers: dict[str, str] | None = None,
                       stream: str | None = None) -> None:
         """Publish and wait for the PubAck; raise what ``js.publish`` would."""
@@ -71,7 +72,10 @@ class PubAcks:
         future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self._pending[key] = (future, time.monotonic() + self.timeout)
         try:
-            await nc.publish(subject, body, reply=self._prefix + key, headers=headers)
+            if headers:
+                await nc.publish_with_headers(subject, self._prefix + key, body, headers)
+            else:
+                await nc.publish(subject, body, reply=self._prefix + key)
             ack = await future
         finally:
             self._pending.pop(key, None)

@@ -14,6 +14,7 @@ import nats
 import pytest
 
 from brokers._nats import parse_url, redact, token
+from brokers._nats_client import CoalescingClient
 from brokers.nats import NatsBroker
 from integration.nats_support import delete_namespace, private_server
 from integration.tls_support import certificates
@@ -358,3 +359,28 @@ async def test_fast_partials_travel_in_batches_and_arrive_whole_and_in_order(
     finally:
         await backend.close()
         await delete_namespace(nats_url, prefix)
+
+
+async def test_headers_written_by_the_fast_publish_arrive_as_nats_py_would_send_them(
+        nats_url: str, prefix: str) -> None:
+    """``CoalescingClient.publish_with_headers`` writes the HPUB itself: every header
+    arrives intact, and a value with a line break (a user's task id) cannot add a header
+    of its own: it takes nats-py's path, which strips the break."""
+    client = CoalescingClient()
+    await client.connect(servers=[nats_url])
+    try:
+        subject = f"{prefix}.fast-headers"
+        subscription = await client.subscribe(subject)
+        await client.publish_with_headers(subject, f"{prefix}.reply", b"one",
+                                          {"Nats-Msg-Id": "0190-abc:1", "QTasks-X": "1.5"})
+        await client.publish_with_headers(subject, "", b"two",
+                                          {"Nats-Msg-Id": "evil\r\nInjected: yes"})
+        first = await subscription.next_msg(timeout=DEADLINE)
+        second = await subscription.next_msg(timeout=DEADLINE)
+    finally:
+        await client.close()
+    assert (first.data, first.reply) == (b"one", f"{prefix}.reply")
+    assert first.headers == {"Nats-Msg-Id": "0190-abc:1", "QTasks-X": "1.5"}
+    assert second.data == b"two" and second.headers is not None
+    assert "Injected" not in second.headers
+    assert "\n" not in second.headers["Nats-Msg-Id"]
