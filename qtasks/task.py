@@ -123,6 +123,26 @@ class TaskFunction:
         return f"<TaskFunction {self.schema.name}>"
 
 
+class _Latest:
+    """What one reader of a task has seen, for the rule of docs/protocol.md ("Ordering and
+    de-duplication"): the greatest ``(attempt, seq)`` of its partials."""
+
+    __slots__ = ("attempt", "seq")
+
+    def __init__(self) -> None:
+        self.attempt, self.seq = 0, -1
+
+    def take(self, event: ResultEvent) -> bool:
+        """Whether ``event`` is new to this reader: a partial past the greatest seen, or a
+        status or final not of an older attempt than that partial's."""
+        if event.kind != "partial":
+            return event.attempt >= self.attempt
+        if (event.attempt, event.seq) <= (self.attempt, self.seq):
+            return False
+        self.attempt, self.seq = event.attempt, event.seq
+        return True
+
+
 @dataclass(slots=True)
 class Restarted:
     """Yielded by ``Task.stream()`` when a retry starts over: the values before it belong
@@ -173,20 +193,14 @@ class Task:
         """
         if self.app is None:
             raise RuntimeError("this Task is not bound to an app")
-        last: tuple[int, int] = (0, -1)
+        latest = _Latest()
         async for event in self.app.results_store.watch(self.id):
-            if event.kind == "partial":
-                key = (event.attempt, event.seq)
-                if key <= last:
-                    continue
-                last = key
-            else:
-                if event.attempt < last[0]:
-                    continue
-                self.apply(event)
-            yield event
-            if event.kind == "final":
-                return
+            if latest.take(event):
+                if event.kind != "partial":
+                    self.apply(event)
+                yield event
+                if event.kind == "final":
+                    return
 
     async def stream(self) -> AsyncIterator[Any]:
         """Each partial value, in order, from the first (even those published before this
@@ -207,11 +221,18 @@ class Task:
         task goes on."""
         if self.status.finished:
             return self
+        if self.app is None:
+            raise RuntimeError("this Task is not bound to an app")
         timer = asyncio.timeout(timeout)
+        latest = _Latest()
         try:
+            # ``events()`` without its generator: a producer waits for every task it sends.
             async with timer:
-                async for _ in self.events():
-                    pass
+                async for event in self.app.results_store.watch(self.id):
+                    if latest.take(event) and event.kind != "partial":
+                        self.apply(event)
+                        if event.kind == "final":
+                            break
         except TimeoutError:
             if not timer.expired():
                 raise  # a backend's own timeout, not this wait running out
