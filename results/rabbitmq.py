@@ -105,6 +105,16 @@ def routing_key(task: str, task_id: str) -> str:
     return f"{task}.{_word(task_id)}"
 
 
+def _events_of(body: bytes, reader: str) -> list[ResultEvent]:
+    """The events of one result message; none (and an error logged) if it is undecodable:
+    one bad message must not stop a reader."""
+    try:
+        return decode_results(body)
+    except MessageDecodeError as exc:
+        log.error("skipping an undecodable result message (%s): %s", reader, exc)
+        return []
+
+
 async def _ignore(_message: DeliveredMessage) -> None:
     return None
 
@@ -670,24 +680,11 @@ class RabbitMQResultStore(ResultStore):
 
     async def _on_inbox(self, message: DeliveredMessage) -> None:
         task_id = message.header.properties.correlation_id
-        if task_id is None:  # the finals of several tasks
-            try:
-                events = decode_results(message.body)
-            except MessageDecodeError as exc:
-                log.error("ignoring an undecodable batch of final results: %s", exc)
-                return
-            for event in events:
-                if (buffer := self._buffers.get(event.id)) is not None:
-                    buffer.receive(event)
-            return
-        buffer = self._buffers.get(task_id)
-        if buffer is None:
+        if task_id is not None and task_id not in self._buffers:
             return  # a task nobody here waits for (any more)
-        try:
-            for event in decode_results(message.body):
+        for event in _events_of(message.body, f"task {task_id or '(several)'}"):
+            if (buffer := self._buffers.get(event.id)) is not None:
                 buffer.receive(event)
-        except MessageDecodeError as exc:
-            log.error("ignoring an undecodable result of task %s: %s", task_id, exc)
 
     async def expect(self, task_id: str) -> None:
         await self.start()
@@ -869,13 +866,8 @@ class RabbitMQResultStore(ResultStore):
                 grouped = properties.correlation_id is None \
                     and properties.message_type == "batch"  # finals of several tasks
                 if grouped or properties.correlation_id in task_ids:
-                    try:
-                        events = decode_results(message.body)
-                    except MessageDecodeError as exc:
-                        log.error("skipping an undecodable result of task %s: %s",
-                                  properties.correlation_id, exc)
-                        continue
-                    for event in events:
+                    for event in _events_of(message.body,
+                                            f"task {properties.correlation_id or '(several)'}"):
                         if event.id in task_ids:
                             yield event
         except _Interrupted:
@@ -934,12 +926,7 @@ class RabbitMQResultStore(ResultStore):
                     with contextlib.suppress(Exception):  # from a channel that has died
                         await message.ack(multiple=True)
                     unacked = 0
-                try:
-                    events = decode_results(message.body)
-                except MessageDecodeError as exc:
-                    log.error("skipping an undecodable result event: %s", exc)
-                    continue
-                for event in events:
+                for event in _events_of(message.body, f"a listener of {task_name!r}"):
                     if task_name in ("*", event.task):  # a group of finals holds others
                         yield event
         finally:
