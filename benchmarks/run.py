@@ -82,9 +82,14 @@ class Run:
         return self.config.logs / f"{ns}-{role}.log"
 
 
+#: Options added to the QTasks RabbitMQ URL only (not the raw clients'), e.g.
+#: ``BENCH_AMQP_OPTIONS=max_priority=0`` to measure plain queues instead of priority queues.
+AMQP_OPTIONS = os.environ.get("BENCH_AMQP_OPTIONS", "")
+
+
 def url_for(backend: str, ns: str) -> str | None:
     if backend == "rabbitmq":
-        return f"{AMQP_URL}?prefix={ns}"
+        return f"{AMQP_URL}?prefix={ns}" + (f"&{AMQP_OPTIONS}" if AMQP_OPTIONS else "")
     if backend == "nats":
         return f"{NATS_URL}?prefix={ns}"
     return None  # memory:// (the default of bench_app)
@@ -657,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
             clean(backend, run.prefix)  # anything a failed step left behind
     after = machine()
     header = [
-        f"command: {command}",
+        f"command: {command}" + (f" (BENCH_AMQP_OPTIONS={AMQP_OPTIONS})" if AMQP_OPTIONS else ""),
         f"commit: {before['commit']}"
         + (f", plus uncommitted: {before['dirty']}" if before["dirty"] else ""),
         f"machine: {before['nproc']} CPUs, {before['platform']}, Python {before['python']}; "
