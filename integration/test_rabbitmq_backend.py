@@ -443,3 +443,37 @@ async def test_finals_of_quick_tasks_are_committed_in_groups_and_reach_only_thei
     stored = next(int(line.split()[1]) for line in depth.splitlines()
                   if line.split()[0] == f"{namespace.prefix}.results.stream")
     assert stored < count, f"{stored} messages for {2 * count} finals: not grouped"
+
+
+async def test_grouped_finals_in_flight_when_the_connection_drops_are_sent_again(
+        namespace: Namespace) -> None:
+    """Finals published in groups while the server closes the publisher's connection:
+    every ``publish`` still returns (its group is sent again after the reconnect), and a
+    listener on another connection hears every final."""
+    writer, reader = namespace.app(), namespace.app()
+    await writer.start()
+    store = writer.results_store
+    assert isinstance(store, RabbitMQResultStore)
+    heard = Drain(await reader.subscribe("*"))
+    ids: list[str] = []
+
+    async def publish_batch() -> None:
+        batch = [ResultEvent(kind="final", id=uuid7(), task="t", status="success")
+                 for _ in range(50)]
+        ids.extend(e.id for e in batch)
+        await asyncio.gather(*(store.publish(e, encode(e)) for e in batch))
+
+    async with asyncio.timeout(DEADLINE):
+        closing = asyncio.ensure_future(
+            asyncio.to_thread(close_connection, store.connection_name))
+        while not closing.done():  # groups in flight when the connection goes
+            await publish_batch()
+        await closing
+        while store.reconnects < 1:
+            await publish_batch()
+        await publish_batch()
+        seen: set[str] = set()
+        while not seen.issuperset(ids):
+            seen.add((await heard.next()).id)
+    await heard.close()
+    assert store.reconnects == 1

@@ -618,7 +618,10 @@ class RabbitMQResultStore(ResultStore):
 
     def _finals_sent(self, group: list[_Final], sent: asyncio.Future[None]) -> None:
         self._finals_in_flight -= 1
-        error = asyncio.CancelledError() if sent.cancelled() else sent.exception()
+        # A publish cancelled under it (the loop shutting down) is a failed send to each
+        # waiter, which ``retrying`` may send again; not a cancellation of its task.
+        error = ConnectionError("the publish of a group of finals was cancelled") \
+            if sent.cancelled() else sent.exception()
         for final in group:
             if final.stored.done():
                 continue
