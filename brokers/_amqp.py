@@ -25,6 +25,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.connection import make_url
 from aio_pika.exceptions import (
     AMQPConnectionError,
     AuthenticationError,
@@ -260,10 +261,7 @@ async def connect(settings: AmqpSettings, name: str) -> AbstractRobustConnection
                 if attempt.retry_state.attempt_number > 1:
                     log.info("connecting to %s (attempt %d)", settings.display_url,
                              attempt.retry_state.attempt_number)
-                return await aio_pika.connect_robust(
-                    settings.connection_url,
-                    client_properties={"connection_name": name},
-                )
+                return await _connect_once(settings, name)
     except AuthenticationError as exc:
         raise ConfigurationError(
             f"RabbitMQ at {settings.display_url} refused the credentials: "
@@ -276,6 +274,20 @@ async def connect(settings: AmqpSettings, name: str) -> AbstractRobustConnection
             f"{settings.connect_timeout:g} s: {_scrub(str(exc), settings) or type(exc).__name__}"
         ) from None
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _connect_once(settings: AmqpSettings, name: str) -> AbstractRobustConnection:
+    """``aio_pika.connect_robust``, closing the connection object when the attempt fails:
+    dropped unclosed, aio-pika's ``__del__`` makes a ``close()`` coroutine that, when the
+    collector runs outside the event loop, is never awaited (a RuntimeWarning)."""
+    connection = aio_pika.RobustConnection(make_url(settings.connection_url),
+                                           client_properties={"connection_name": name})
+    try:
+        await connection.connect()
+    except BaseException:
+        await quietly(connection.close())
+        raise
+    return connection
 
 
 async def send(channel: AbstractChannel, exchange: str, routing_key: str, body: bytes,
