@@ -15,11 +15,13 @@ import itertools
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from qtasks.interfaces import Broker, DeadLetter, Delivery, QueueStats
 from qtasks.protocol import TaskMessage
+
+T = TypeVar("T")
 
 
 @dataclass(order=True, slots=True)
@@ -183,7 +185,7 @@ class MemoryBroker(Broker):
     async def control(self) -> AsyncIterator[bytes]:
         received: asyncio.Queue[bytes] = asyncio.Queue()
         self.hub.control.add(received)
-        return _control(received, self.hub.control)
+        return subscription(received, self.hub.control)
 
     async def inspect(self, queues: Sequence[str]) -> list[QueueStats]:
         in_flight: dict[str, int] = {}
@@ -207,10 +209,12 @@ class MemoryBroker(Broker):
         return count
 
 
-async def _control(received: asyncio.Queue[bytes],
-                   subscribers: set[asyncio.Queue[bytes]]) -> AsyncIterator[bytes]:
+async def subscription(queue: asyncio.Queue[T], subscribers: set[asyncio.Queue[T]],
+                       ) -> AsyncIterator[T]:
+    """What is put on ``queue``, one of ``subscribers``, until the iterator is closed;
+    then it leaves them. The in-memory fan-out of control messages and result events."""
     try:
         while True:
-            yield await received.get()
+            yield await queue.get()
     finally:
-        subscribers.discard(received)
+        subscribers.discard(queue)

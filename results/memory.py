@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from brokers.memory import subscription
 from qtasks.errors import ConfigurationError
 from qtasks.interfaces import ResultStore
 from qtasks.protocol import ResultEvent
@@ -128,13 +129,4 @@ class MemoryResultStore(ResultStore):
         queue: asyncio.Queue[ResultEvent] = asyncio.Queue()
         subscribers = self.hub.listeners.setdefault(task_name, set())
         subscribers.add(queue)
-        return _drain(queue, subscribers)
-
-
-async def _drain(queue: asyncio.Queue[ResultEvent],
-                 subscribers: set[asyncio.Queue[ResultEvent]]) -> AsyncIterator[ResultEvent]:
-    try:
-        while True:
-            yield await queue.get()
-    finally:
-        subscribers.discard(queue)
+        return subscription(queue, subscribers)
