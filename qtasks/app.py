@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 from qtasks.errors import ConfigurationError
 from qtasks.executors import BaseTaskExecutor
-from qtasks.interfaces import Broker, ResultStore
+from qtasks.interfaces import Broker, ResultStore, close_iterator
 from qtasks.protocol import (
     DEFAULT_MAX_MESSAGE_SIZE,
     ControlMessage,
@@ -296,9 +296,7 @@ class QueueTasks:
             async for event in events:
                 yield event
         finally:
-            aclose = getattr(events, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await close_iterator(events)
 
     @property
     def sync(self) -> SyncApp:

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Executor
 from typing import Any
 
+from qtasks.interfaces import close_iterator
 from qtasks.task import TaskExecSchema
 
 #: Publishes one handled partial value; given by the worker, absent for a local run.
@@ -66,9 +67,7 @@ class BaseTaskExecutor:
             async for value in iterator:
                 results.append(await self.emit(value))
         finally:
-            aclose = getattr(iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await close_iterator(iterator)
         return results
 
     async def emit(self, value: Any) -> Any:

@@ -15,9 +15,18 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from qtasks.protocol import ResultEvent, TaskMessage
+
+
+async def close_iterator(iterator: AsyncIterator[Any]) -> None:
+    """Close an async iterator if it can be closed (an async generator can; a plain
+    ``AsyncIterator`` may not), so that its ``finally`` runs now: a consumer gives back
+    what it held, a subscription ends, a generator task stops."""
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 @dataclass(slots=True)

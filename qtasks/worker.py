@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from qtasks.cancellation import REVOKE_TTL, Revocations, TaskCancelled
 from qtasks.errors import MessageDecodeError, MessageEncodeError
 from qtasks.executors import default_executor
-from qtasks.interfaces import Delivery
+from qtasks.interfaces import Delivery, close_iterator
 from qtasks.protocol import (
     ErrorInfo,
     ResultEvent,
@@ -197,9 +197,7 @@ class Worker:
                 self.in_flight[task] = delivery
                 task.add_done_callback(self._done)
         finally:
-            aclose = getattr(deliveries, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await close_iterator(deliveries)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.in_flight.pop(task, None)
@@ -240,9 +238,7 @@ class Worker:
                     self._cancelling.add(request.id)
                     running.cancel()
         finally:
-            aclose = getattr(control, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await close_iterator(control)
 
     async def _handle(self, delivery: Delivery) -> None:
         try:
@@ -290,17 +286,21 @@ class Worker:
                 return
         # No await from this check until the task is registered as executing, so a
         # cancel request is either seen here or interrupts the run.
-        if (reason := self.revoked.reason(message.id)) is not None:
+        if self.revoked.reason(message.id) is not None:
             log.info("task %s %s was cancelled before it started", message.task, message.id)
             now = time.time()
             base = ResultEvent(kind="final", id=message.id, task=message.task,
                                attempt=message.attempt, started_at=now, worker=self.name)
-            cancelled = TaskCancelled(f"task {message.task} {message.id} was cancelled "
-                                      f"before it started{': ' + reason if reason else ''}")
             await self._finish(delivery, message, base, TaskStatus.CANCELLED, None,
-                               error_info(cancelled))
+                               self._cancelled(message, "before it started"))
             return
         await self._run(delivery, message, schema)
+
+    def _cancelled(self, message: TaskMessage, when: str) -> ErrorInfo:
+        """The final's error for a task ended by a cancel request, with its reason."""
+        reason = self.revoked.reason(message.id)
+        return error_info(TaskCancelled(f"task {message.task} {message.id} was cancelled "
+                                        f"{when}{': ' + reason if reason else ''}"))
 
     async def _publish(self, event: ResultEvent, reply_to: str | None) -> None:
         body = encode(event)
@@ -355,10 +355,8 @@ class Worker:
                     f"task {message.task} {message.id} exceeded max_time of {max_time} s"))
         except asyncio.CancelledError as exc:
             if message.id in self._cancelling and current.uncancel() == 0:
-                reason = self.revoked.reason(message.id)
-                status, error = TaskStatus.CANCELLED, error_info(TaskCancelled(
-                    f"task {message.task} {message.id} was cancelled while running"
-                    f"{': ' + reason if reason else ''}"))
+                status = TaskStatus.CANCELLED
+                error = self._cancelled(message, "while running")
             elif current.cancelling():
                 raise  # the worker is stopping: not the task's outcome
             else:
