@@ -99,6 +99,15 @@ def start_server(timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
+async def restart_server() -> None:
+    """Stop the server and start it again; whatever happens, it runs and answers again
+    before this returns (other tests share it)."""
+    try:
+        await asyncio.to_thread(stop_server)
+    finally:
+        await asyncio.to_thread(start_server)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

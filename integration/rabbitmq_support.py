@@ -51,6 +51,17 @@ def queues_of(prefix: str) -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip().startswith(prefix + ".")]
 
 
+def queue_figure(queue: str, column: str = "messages") -> int:
+    """One ``rabbitmqctl list_queues`` column of one queue (``messages``,
+    ``messages_unacknowledged``, ...)."""
+    out = rabbitmqctl("list_queues", "name", column, "--quiet", "--no-table-headers")
+    for line in out.splitlines():
+        fields = line.split()
+        if fields and fields[0] == queue:
+            return int(fields[1])
+    raise AssertionError(f"no queue {queue!r}")
+
+
 async def delete_namespace(url: str, prefix: str) -> None:
     """Delete every queue and exchange named ``{prefix}.*``."""
     settings = AmqpSettings.parse(url, {"prefix": prefix})
@@ -80,6 +91,17 @@ def close_connection(name: str) -> None:
     if len(pids) != 1:
         raise AssertionError(f"expected one connection named {name!r}, found {pids}")
     rabbitmqctl("close_connection", pids[0], "closed by a test")
+
+
+async def restart_rabbitmq(base_url: str) -> None:
+    """``rabbitmqctl stop_app`` then ``start_app``; whatever happens, RabbitMQ runs and
+    answers again before this returns (other tests share it)."""
+    try:
+        await asyncio.to_thread(rabbitmqctl, "stop_app")
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(rabbitmqctl, "start_app")
+        await wait_for_rabbitmq(base_url)
 
 
 def delete_namespace_sync(url: str, prefix: str) -> None:
@@ -116,6 +138,11 @@ class Namespace:
     @property
     def url(self) -> str:
         return url_with(self.base_url, prefix=self.prefix)
+
+    @property
+    def settings(self) -> AmqpSettings:
+        """The backend's names for this prefix (queues, exchanges)."""
+        return AmqpSettings.parse(self.url, {})
 
     @property
     def env(self) -> dict[str, str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from integration.nats_support import Child, delete_namespace, start_server, stop_server
+from integration.nats_support import Child, delete_namespace, restart_server
 from integration.processes import workers
 from qtasks import QueueTasks, Task, TaskStatus
 
@@ -161,9 +161,8 @@ async def test_server_restart_mid_load_loses_no_acknowledged_task(
             async with asyncio.timeout(DEADLINE):
                 while len(acknowledged) < 100:  # noqa: ASYNC110 - progress check, bounded
                     await asyncio.sleep(0.01)
-            await asyncio.to_thread(stop_server)
+            await restart_server()
             before = len(acknowledged)
-            await asyncio.to_thread(start_server)
             async with asyncio.timeout(DEADLINE):
                 while len(acknowledged) < before + 100:  # noqa: ASYNC110 - bounded
                     await asyncio.sleep(0.01)
@@ -173,7 +172,6 @@ async def test_server_restart_mid_load_loses_no_acknowledged_task(
                 results = await asyncio.gather(*(t.wait() for _, t in acknowledged))
     finally:
         stop.set()
-        await asyncio.to_thread(start_server)
     assert len(results) >= 200
     assert [t.returning for t in results] == [i + 1 for i, _ in acknowledged]
     # Both workers lived through the outage (the tasks after it ran on them).
@@ -185,20 +183,20 @@ async def test_server_restart_mid_stream_loses_no_partial(
     """Partials sent around a server restart are published again (with PubAcks) before
     any later one, so the submitter's stream has every value once, in order."""
     count = 300
-    try:
-        with workers(env, count=1):
-            task = await producer.add_task("countdown", count, 0.01)
-            values = task.stream()
+    with workers(env, count=1) as procs:
+        task = await producer.add_task("countdown", count, 0.01)
+        values = task.stream()
+        async with asyncio.timeout(DEADLINE):
             received = [await anext(values) for _ in range(20)]
-            await asyncio.to_thread(stop_server)
-            await asyncio.to_thread(start_server)
-            async with asyncio.timeout(DEADLINE):
-                received += [v async for v in values]
-            done = await task.wait(DEADLINE)
-    finally:
-        await asyncio.to_thread(start_server)
+        await restart_server()
+        back = time.time()
+        async with asyncio.timeout(DEADLINE):
+            received += [v async for v in values]
+        done = await task.wait(DEADLINE)
+        assert "NATS broker reconnected" in procs[0].output, procs[0].output
     assert received == list(reversed(range(count)))
     assert done.returning == received
+    assert done.finished_at is not None and done.finished_at > back  # still running then
 
 
 def _markers(directory: Path, prefix: str) -> dict[int, float]:

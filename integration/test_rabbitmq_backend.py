@@ -22,8 +22,8 @@ from integration.rabbitmq_support import (
     Namespace,
     close_connection,
     open_namespace,
+    queue_figure,
     queues_of,
-    rabbitmqctl,
 )
 from qtasks import (
     BrokerUnavailableError,
@@ -285,7 +285,10 @@ async def test_a_batch_of_acks_never_covers_an_unfinished_task(namespace: Namesp
         assert [first.body, second.body, third.body] == bodies
         await second.ack()
         await third.ack()
-        await asyncio.sleep(0.2)  # the acks are written on the next loop iteration
+        async with asyncio.timeout(DEADLINE):  # the server has the acks of 2 and 3
+            queue = namespace.settings.work_queue("default")
+            while await asyncio.to_thread(queue_figure, queue, "messages_unacknowledged") != 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # RabbitMQ has no event for it; bounded
         await asyncio.to_thread(close_connection, broker.connection_name)
         again = await deliveries.next()
         assert again.body == bodies[0] and again.redelivered
@@ -396,10 +399,8 @@ async def test_fast_partials_travel_in_batches_and_arrive_whole_and_in_order(
         live, late, listened = await three_readers(task, reader, listener, count)
     expected = [i * i for i in range(count)]
     assert live == late == listened == expected
-    depth = await asyncio.to_thread(
-        rabbitmqctl, "list_queues", "name", "messages", "--quiet", "--no-table-headers")
-    stored = next(int(line.split()[1]) for line in depth.splitlines()
-                  if line.split()[0] == f"{namespace.prefix}.results.stream")
+    stored = await asyncio.to_thread(
+        queue_figure, namespace.settings.stream_queue)
     assert stored < count // 5, f"{stored} messages for {count} partials: not batched"
 
 
@@ -438,10 +439,8 @@ async def test_finals_of_quick_tasks_are_committed_in_groups_and_reach_only_thei
                 heard.append(event.returning)
         assert sorted(heard) == [i + 1 for i in range(count)]
     await adds_heard.close()
-    depth = await asyncio.to_thread(
-        rabbitmqctl, "list_queues", "name", "messages", "--quiet", "--no-table-headers")
-    stored = next(int(line.split()[1]) for line in depth.splitlines()
-                  if line.split()[0] == f"{namespace.prefix}.results.stream")
+    stored = await asyncio.to_thread(
+        queue_figure, namespace.settings.stream_queue)
     assert stored < count, f"{stored} messages for {2 * count} finals: not grouped"
 
 
