@@ -7,6 +7,7 @@ set: in CI the broker tests must run, never silently skip.
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 
 import pytest
@@ -17,13 +18,23 @@ RABBITMQ_URL = os.environ.get("QTASKS_TEST_AMQP_URL", "amqp://guest:guest@127.0.
 NATS_URL = os.environ.get("QTASKS_TEST_NATS_URL", "nats://127.0.0.1:4222")
 
 
-def require_server(name: str, port: int) -> None:
-    if reachable(port):
-        return
-    message = f"{name} is not reachable at 127.0.0.1:{port}"
+def _missing(message: str) -> None:
+    """Skip on a developer's machine, fail in CI."""
     if os.environ.get("CI"):
         pytest.fail(f"{message}; in CI broker tests must run", pytrace=False)
     pytest.skip(message)
+
+
+def require_server(name: str, port: int) -> None:
+    if not reachable(port):
+        _missing(f"{name} is not reachable at 127.0.0.1:{port}")
+
+
+def require_tools(*tools: str) -> None:
+    """Commands a test runs (``openssl``, ``rabbitmq-server``) are on the PATH."""
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        _missing(f"needs {' and '.join(missing)}")
 
 
 @pytest.fixture

@@ -12,13 +12,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import nats
 import orjson
 from nats.js.errors import NotFoundError
 
+from brokers.nats import NatsBroker
 from integration.net import free_port
+from results.nats import NatsResultStore
+from tests.contract import Backend
 
 NATS_START = [
     "start-stop-daemon", "--start", "--oknodo", "--background", "--exec",
@@ -45,6 +48,19 @@ async def delete_namespace(url: str, prefix: str) -> list[str]:
     finally:
         await nc.close()
     return deleted
+
+
+@contextlib.asynccontextmanager
+async def open_backend(url: str, prefix: str) -> AsyncIterator[Backend]:
+    """NATS broker and results under ``prefix``; its apps closed and its streams, consumers
+    and buckets deleted afterwards."""
+    backend = Backend(broker=lambda: NatsBroker(url, prefix=prefix),
+                      results=lambda: NatsResultStore(url, prefix=prefix))
+    try:
+        yield backend
+    finally:
+        await backend.close()
+        await delete_namespace(url, prefix)
 
 
 def delete_namespace_sync(url: str, prefix: str) -> None:

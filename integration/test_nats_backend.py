@@ -4,7 +4,6 @@ redaction, the server's max_payload, max_deliver, fair pulling across queues."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +15,8 @@ import pytest
 from brokers._nats import parse_url, redact, token
 from brokers._nats_client import CoalescingClient
 from brokers.nats import NatsBroker
-from integration.nats_support import delete_namespace, private_server
+from integration.conftest import require_tools
+from integration.nats_support import delete_namespace, open_backend, private_server
 from integration.tls_support import certificates
 from qtasks import (
     BrokerUnavailableError,
@@ -29,7 +29,6 @@ from qtasks import (
 from qtasks.protocol import TaskMessage, encode, uuid7
 from results.nats import NatsResultStore
 from tests.contract import (
-    Backend,
     Drain,
     redeliver_with_final,
     running_worker,
@@ -119,8 +118,8 @@ async def test_a_server_without_jetstream_is_a_clear_error(tmp_path: Path) -> No
         await broker.close()
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 async def test_tls_with_a_private_ca(tmp_path: Path) -> None:
+    require_tools("openssl")
     certs = await asyncio.to_thread(certificates, tmp_path)
     ca, cert, key = certs.ca, certs.server_cert, certs.server_key
     with private_server(str(tmp_path), f'tls {{ cert_file: "{cert}", key_file: "{key}" }}') \
@@ -313,9 +312,7 @@ async def test_a_final_left_in_the_bucket_only_is_published_again(
     """The worker died between storing the final in the bucket and publishing it on the
     stream: the redelivery publishes it on the stream, so that the submitter, which
     follows the stream, gets it; the task does not run again."""
-    backend = Backend(broker=lambda: NatsBroker(nats_url, prefix=prefix),
-                      results=lambda: NatsResultStore(nats_url, prefix=prefix))
-    try:
+    async with open_backend(nats_url, prefix) as backend:
         producer, worker_app = backend.app(), backend.app()
         task = await producer.add_task("add", 1, 2)
         store = worker_app.results_store
@@ -331,9 +328,6 @@ async def test_a_final_left_in_the_bucket_only_is_published_again(
             done = await task.wait(DEADLINE)
             await settled(worker, 1)
         assert done.returning == "from the bucket"  # not 3: it did not run again
-    finally:
-        await backend.close()
-        await delete_namespace(nats_url, prefix)
 
 
 async def test_fast_partials_travel_in_batches_and_arrive_whole_and_in_order(
@@ -342,9 +336,7 @@ async def test_fast_partials_travel_in_batches_and_arrive_whole_and_in_order(
     than values in the results stream, and every reader (the submitter, a late reader, a
     listener) still gets each value once, in order."""
     count = 3000
-    backend = Backend(broker=lambda: NatsBroker(nats_url, prefix=prefix),
-                      results=lambda: NatsResultStore(nats_url, prefix=prefix))
-    try:
+    async with open_backend(nats_url, prefix) as backend:
         producer, worker_app, reader = backend.app(), backend.app(), backend.app()
         listener = Drain(await reader.subscribe("count"))
         async with running_worker(worker_app):
@@ -356,9 +348,6 @@ async def test_fast_partials_travel_in_batches_and_arrive_whole_and_in_order(
         info = await store.conn.js.stream_info(store.stream)
         assert info.state.messages < count // 5, \
             f"{info.state.messages} messages for {count} partials: not batched"
-    finally:
-        await backend.close()
-        await delete_namespace(nats_url, prefix)
 
 
 async def test_headers_written_by_the_fast_publish_arrive_as_nats_py_would_send_them(

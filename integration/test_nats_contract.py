@@ -6,17 +6,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from brokers.nats import NatsBroker
-from integration.nats_support import delete_namespace
-from results.nats import NatsResultStore
+from integration.nats_support import open_backend
 from tests.contract import Backend, BackendContract
 
 
 class TestNatsContract(BackendContract):
     @pytest.fixture
     async def backend(self, nats_url: str, prefix: str) -> AsyncIterator[Backend]:
-        backend = Backend(broker=lambda: NatsBroker(nats_url, prefix=prefix),
-                          results=lambda: NatsResultStore(nats_url, prefix=prefix))
-        yield backend
-        await backend.close()
-        await delete_namespace(nats_url, prefix)
+        async with open_backend(nats_url, prefix) as backend:
+            yield backend

@@ -4,28 +4,25 @@ verified by default, and a client without a certificate refused."""
 
 from __future__ import annotations
 
-import os
-import shutil
+import asyncio
 from collections.abc import Iterator
 from urllib.parse import urlencode
 
 import pytest
 
+from integration.conftest import require_tools
 from integration.tls_support import TlsNode, private_rabbitmq_tls
 from qtasks import BrokerUnavailableError, QueueTasks, TaskStatus
 from tests.contract import running_worker
 
 DEADLINE = 30.0
+#: The module fixture boots a RabbitMQ node of its own (up to 120 s) before the first test.
+pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
 def node() -> Iterator[TlsNode]:
-    missing = [tool for tool in ("rabbitmq-server", "openssl") if shutil.which(tool) is None]
-    if missing:
-        message = f"needs {' and '.join(missing)}"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message}; in CI broker tests must run", pytrace=False)
-        pytest.skip(message)
+    require_tools("rabbitmq-server", "openssl")
     with private_rabbitmq_tls() as started:
         yield started
 
@@ -48,7 +45,8 @@ async def test_tasks_and_results_over_mutual_tls(node: TlsNode) -> None:
     try:
         async with running_worker(app):
             task = await count.add_task(3)
-            streamed = [v async for v in task.stream()]
+            async with asyncio.timeout(DEADLINE):
+                streamed = [v async for v in task.stream()]
             done = await task.wait(DEADLINE)
     finally:
         await app.close()

@@ -266,6 +266,13 @@ async def settled(worker: Worker, count: int) -> None:
             await asyncio.sleep(0.01)  # the worker has no event for it; bounded
 
 
+async def heard_cancel(worker: Worker, task_id: str) -> None:
+    """Until ``worker`` has heard the cancel request for ``task_id`` (bounded)."""
+    async with asyncio.timeout(DEADLINE):
+        while worker.revoked.reason(task_id) is None:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)  # the worker has no event for it; bounded
+
+
 async def redeliver_with_final(app: QueueTasks, task_id: str, task: str, returning: Any,
                                store: Callable[[ResultEvent], Any] | None = None) -> None:
     """Make the next delivery of the queued task ``task_id`` a redelivery whose final is
@@ -469,6 +476,9 @@ class BackendContract:
             await settled(worker, 1)
         assert (done.status, done.returning) == (TaskStatus.SUCCESS, "stored")
         assert token not in CALLS
+        # Settled without a new run: what the store keeps is still the stored final.
+        kept = await backend.app().get(task.id)
+        assert kept is not None and kept.returning == "stored"
 
     async def test_cancel_stops_a_running_task_and_the_worker_goes_on(
             self, backend: Backend) -> None:
@@ -495,9 +505,8 @@ class BackendContract:
             queued = await producer.add_task("record", second)  # waits: concurrency 1
             async with asyncio.timeout(DEADLINE):
                 await gate(f"{first}:started").wait()
-                await queued.cancel()
-                while worker.revoked.reason(queued.id) is None:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)  # until the worker heard it; bounded
+            await queued.cancel()
+            await heard_cancel(worker, queued.id)
             gate(first).set()
             done = await queued.wait(DEADLINE)
             await blocking.wait(DEADLINE)
@@ -518,9 +527,7 @@ class BackendContract:
             await backend.app().cancel(task.id)  # no key at all
             other = await producer.add_task("add", 1, 1)
             await other.cancel()  # signed: heard, so the two before it were heard too
-            async with asyncio.timeout(DEADLINE):
-                while worker.revoked.reason(other.id) is None:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)  # until the worker heard it; bounded
+            await heard_cancel(worker, other.id)
             gate(token).set()
             done = await task.wait(DEADLINE)
         assert (done.status, done.returning) == (TaskStatus.SUCCESS, "kept")
@@ -668,9 +675,7 @@ class BackendContract:
             await producer.broker.publish(garbage, b"\x00 not json")
             ok = await producer.add_task("add", 1, 2, timeout=DEADLINE)
             assert ok.returning == 3
-            async with asyncio.timeout(DEADLINE):
-                while worker.processed < 3:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)  # counting settled deliveries, bounded
+            await settled(worker, 3)
         assert await producer.get(unknown.id) is None
 
     async def test_forged_or_unsigned_tasks_never_run(self, backend: Backend) -> None:
@@ -689,9 +694,7 @@ class BackendContract:
             assert tampered != signed
             await producer.broker.publish(message, tampered)
             genuine = await producer.add_task("record", token, timeout=DEADLINE)
-            async with asyncio.timeout(DEADLINE):
-                while worker.processed < 4:  # noqa: ASYNC110 - settled deliveries, bounded
-                    await asyncio.sleep(0.01)
+            await settled(worker, 4)
         assert genuine.returning == 1
         assert CALLS[token] == 1
         assert await producer.get(forged.id) is None

@@ -14,7 +14,7 @@ import pytest
 
 from qtasks import QueueTasks, TaskMessage
 from qtasks.operator import Operator
-from tests.contract import DEADLINE, gate, register_contract_tasks, running_worker
+from tests.contract import DEADLINE, gate, register_contract_tasks, running_worker, settled
 
 
 @pytest.fixture
@@ -63,8 +63,7 @@ async def test_inspect_and_dead_letters(setup: tuple[str, QueueTasks, io.StringI
         assert orjson.loads(out.getvalue())["queues"] == [
             {"queue": "default", "ready": 2, "in_flight": 0, "consumers": None}]
         async with running_worker(worker_app) as worker:
-            while worker.processed < 2:  # noqa: ASYNC110 - bounded by the test timeout
-                await asyncio.sleep(0.01)
+            await settled(worker, 2)
         out.truncate(0)
         out.seek(0)
         await op.dead("list", [], 10, as_json=True)
@@ -74,8 +73,7 @@ async def test_inspect_and_dead_letters(setup: tuple[str, QueueTasks, io.StringI
         assert len(await op.app.broker.dead_letters()) == 0
         assert (await op.app.broker.inspect(["default"]))[0].ready == 1
         async with running_worker(worker_app) as worker:
-            while worker.processed < 1:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
+            await settled(worker, 1)
         await op.dead("purge", [], 10, as_json=False)
         assert out.getvalue().splitlines()[-1] == "purged 1"
 
