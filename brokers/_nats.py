@@ -8,6 +8,7 @@ Private to ``brokers.nats`` and ``results.nats``. Names and options are document
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -20,6 +21,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
@@ -197,6 +199,7 @@ class Connection:
         """Connect, retrying for ``connect_timeout`` seconds, then reconnect forever."""
         deadline = time.monotonic() + self.connect_timeout
         delay = 0.1
+        self._closing = False
         while True:
             nc = CoalescingClient()
             self.last_error = None
@@ -238,7 +241,7 @@ class Connection:
                 await self.open()
                 await declare()
             except BaseException:
-                await self.close()
+                await self._close()
                 raise
             self.started = True
 
@@ -246,7 +249,7 @@ class Connection:
                       stream: str | None = None) -> None:
         """A JetStream publish, returning once stored (``js.publish``, but cheaper: see
         ``brokers/_nats_pubacks.py``). Combine with ``retry``."""
-        await self.pubacks.publish(self.nc, subject, body, headers, stream)
+        await self.pubacks.publish(subject, body, headers, stream)
 
     async def barrier(self, timeout: float = 5.0) -> None:
         """Return once the server has processed everything sent on this connection so far
@@ -256,24 +259,47 @@ class Connection:
             self._barrier = asyncio.get_running_loop().create_task(self._ping(timeout))
         await asyncio.shield(self._barrier)
 
+    async def subscribe(self, subject: str, handler: Callable[[Msg], Awaitable[None]],
+                        **options: Any) -> Subscription:
+        """A core subscription already active on the server when this returns (a PING
+        round trip), so nothing published afterwards is missed; removed again if that
+        cannot be proven."""
+        subscription = await self.nc.subscribe(subject, cb=handler, **options)
+        try:
+            await self.barrier()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+            raise
+        return subscription
+
     async def _ping(self, timeout: float) -> None:
         await asyncio.sleep(0)  # let the other callers of this loop turn join
         self._barrier = None  # from here on, a caller needs the next PING
+        if not self.nc.is_connected:
+            # nats-py's flush returns at once while it reconnects, which proves nothing.
+            raise nats.errors.ConnectionReconnectingError
         await self.nc.flush(timeout=timeout)  # type: ignore[arg-type]
 
     async def close(self) -> None:
-        """Flush what is buffered, then close."""
+        """Flush what is buffered, then close. Under the start lock: a ``start`` racing
+        with it opens a new client after this one is closed, not one that this closes."""
+        async with self._start_lock:
+            await self._close()
+
+    async def _close(self) -> None:
         self.started = False
         await self.pubacks.stop()
-        if self.nc.is_closed:
+        nc = self.nc
+        if nc.is_closed:
             return
         self._closing = True
         try:
-            if self.nc.is_connected:
-                await self.nc.flush(timeout=5)
+            if nc.is_connected:
+                await nc.flush(timeout=5)
         except Exception as exc:
             log.warning("NATS %s: flush before close failed: %s", self.role, exc)
-        await _close_quietly(self.nc)
+        await _close_quietly(nc)
 
     async def retry(self, what: str, call: Callable[[], Awaitable[T]],
                     timeout: float | None = None) -> T:

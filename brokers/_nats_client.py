@@ -8,6 +8,7 @@ for that reason, and every NATS test goes through them.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import nats.errors
 from nats.aio.client import Client
@@ -44,14 +45,25 @@ class CoalescingClient(Client):
         if not self.is_connected and (self._max_pending_size <= 0 or len(payload)
                                       + self._pending_data_size > self._max_pending_size):
             raise nats.errors.OutboundBufferLimitError
-        header = f"NATS/1.0\r\n{lines}\r\n"
-        command = (f"HPUB {subject} {reply} {len(header)} {len(header) + len(payload)}\r\n"
-                   f"{header}").encode() + payload + b"\r\n"
+        header = f"NATS/1.0\r\n{lines}\r\n".encode()  # sizes below count bytes
+        command = b"".join((
+            f"HPUB {subject} {reply} {len(header)} {len(header) + len(payload)}\r\n".encode(),
+            header, payload, b"\r\n"))
         self.stats["out_msgs"] += 1
         self.stats["out_bytes"] += len(payload)
         await self._send_command(command)
         if self._flush_queue is not None and self._flush_queue.empty():
             await self._flush_pending()
+
+    async def _send_ping(self, future: asyncio.Future[Any] | None = None) -> None:
+        """nats-py writes a PING straight to the socket, ahead of commands still waiting
+        in its buffer; a PONG must prove the server processed everything sent before
+        (``Connection.barrier``), so the buffer goes first."""
+        if self._pending_data_size > 0 and self._transport is not None and self.is_connected:
+            self._transport.writelines(self._pending[:])
+            self._pending = []
+            self._pending_data_size = 0
+        await super()._send_ping(future)
 
     async def _flusher(self) -> None:
         while self.is_connected and not self.is_connecting:

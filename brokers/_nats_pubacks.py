@@ -8,6 +8,9 @@ half second for the ones that time out. Every QTasks task costs three such publi
 (the task, the final's bucket entry, the final), so this is on the hot path of both the
 producer and the worker.
 
+nats-py's own ``js.publish_async`` also shares one inbox, but has no deadline per
+publish and does not fail its waiters when the connection drops.
+
 A PubAck that does not come (the connection dropped, a stream leader moved) fails its
 publish with a ``TimeoutError`` after ``timeout`` seconds, or with
 ``ConnectionReconnectingError`` as soon as the connection drops; both are transient for
@@ -26,12 +29,12 @@ import nats.errors
 import nats.js.errors
 import orjson
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
+from nats.js.api import Header
 
 from brokers._nats_client import CoalescingClient
 
 #: Header naming the stream a publish must land in (JetStream refuses it otherwise).
-EXPECTED_STREAM = "Nats-Expected-Stream"
+EXPECTED_STREAM = Header.EXPECTED_STREAM.value
 #: A PubAck that has not come after this many seconds fails its publish.
 PUBACK_TIMEOUT = 5.0
 #: How often pending PubAcks are checked for their deadline.
@@ -41,18 +44,17 @@ SWEEP_INTERVAL = 0.5
 class PubAcks:
     """The PubAcks of one connection: ``publish`` returns once the stream stored it."""
 
-    def __init__(self, timeout: float = PUBACK_TIMEOUT) -> None:
-        self.timeout = timeout
+    def __init__(self) -> None:
         self._prefix = f"_INBOX.{uuid.uuid4().hex}."
         self._pending: dict[str, tuple[asyncio.Future[Msg], float]] = {}
         self._tokens = itertools.count()
-        self._sub: Subscription | None = None
+        self._nc: CoalescingClient | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self, nc: CoalescingClient) -> None:
-        """Subscribe to the inbox (nats-py subscribes again after a reconnect)."""
-        self._sub = await nc.subscribe(self._prefix + "*", cb=self._on_ack,
-                                       pending_msgs_limit=1 << 20)
+        """Subscribe to the inbox of ``nc`` (nats-py subscribes again after a reconnect)."""
+        await nc.subscribe(self._prefix + "*", cb=self._on_ack, pending_msgs_limit=1 << 20)
+        self._nc = nc
         self._sweeper = asyncio.create_task(self._sweep(), name="qtasks-nats-pubacks")
 
     async def stop(self) -> None:
@@ -62,15 +64,17 @@ class PubAcks:
                 await self._sweeper
         self.fail_all(nats.errors.ConnectionClosedError())
 
-    async def publish(self, nc: CoalescingClient, subject: str, body: bytes,
-                      headers: dict[str, str] | None = None,
+    async def publish(self, subject: str, body: bytes, headers: dict[str, str] | None = None,
                       stream: str | None = None) -> None:
         """Publish and wait for the PubAck; raise what ``js.publish`` would."""
+        nc = self._nc
+        if nc is None:
+            raise nats.errors.ConnectionClosedError
         if stream is not None:
             headers = {**(headers or {}), EXPECTED_STREAM: stream}
         key = format(next(self._tokens), "x")
         future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
-        self._pending[key] = (future, time.monotonic() + self.timeout)
+        self._pending[key] = (future, time.monotonic() + PUBACK_TIMEOUT)
         try:
             if headers:
                 await nc.publish_with_headers(subject, self._prefix + key, body, headers)
@@ -79,7 +83,7 @@ class PubAcks:
             ack = await future
         finally:
             self._pending.pop(key, None)
-        if ack.headers and ack.headers.get("Status") == "503":
+        if ack.headers and ack.headers.get(Header.STATUS.value) == "503":
             raise nats.js.errors.NoStreamResponseError  # no stream (leader) took it
         try:
             response = orjson.loads(ack.data)

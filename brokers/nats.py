@@ -535,9 +535,7 @@ class NatsBroker(Broker):
         async def on_msg(msg: Msg) -> None:
             received.put_nowait(msg.data)
 
-        sub = await self.conn.nc.subscribe(self.control_subject, cb=on_msg)
-        await self.conn.barrier()  # active on the server when we return
-        return _control(received, sub)
+        return _control(received, await self.conn.subscribe(self.control_subject, on_msg))
 
     # -- operations (qtasks inspect / dead) ------------------------------------------
 

@@ -364,8 +364,12 @@ async def test_headers_written_by_the_fast_publish_arrive_as_nats_py_would_send_
                                           {"Nats-Msg-Id": "0190-abc:1", "QTasks-X": "1.5"})
         await client.publish_with_headers(subject, "", b"two",
                                           {"Nats-Msg-Id": "evil\r\nInjected: yes"})
+        await client.publish_with_headers(subject, "", b"three", {"Nats-Msg-Id": "tâche-ü:1"})
+        await client.publish(subject, b"four")  # the connection survived the one before
         first = await subscription.next_msg(timeout=DEADLINE)
         second = await subscription.next_msg(timeout=DEADLINE)
+        third = await subscription.next_msg(timeout=DEADLINE)
+        fourth = await subscription.next_msg(timeout=DEADLINE)
     finally:
         await client.close()
     assert (first.data, first.reply) == (b"one", f"{prefix}.reply")
@@ -373,3 +377,5 @@ async def test_headers_written_by_the_fast_publish_arrive_as_nats_py_would_send_
     assert second.data == b"two" and second.headers is not None
     assert "Injected" not in second.headers
     assert "\n" not in second.headers["Nats-Msg-Id"]
+    assert (third.data, third.headers) == (b"three", {"Nats-Msg-Id": "tâche-ü:1"})
+    assert fourth.data == b"four"

@@ -110,6 +110,8 @@ class _Inbox:
         self.sub: Subscription | None = None
 
     async def put(self, msg: Msg) -> None:
+        if self.broken:
+            return  # its reader replays from the stream: nothing more to keep
         if len(self.items) >= self.limit:
             if not self.drop_oldest:
                 self.break_()
@@ -194,13 +196,15 @@ class NatsResultStore(ResultStore):
         #: Keyed by the encoded task id, as the subject carries it.
         self._expected: OrderedDict[str, _Expectation] = OrderedDict()
         #: Expectations taken by a ``watch`` (one each: a second watcher replays).
-        self._watched: dict[str, _Inbox] = {}
+        self._watched: dict[str, _Expectation] = {}
         self._reply = uuid.uuid4().hex
         self._reply_sub: Subscription | None = None
         self._reply_lock = asyncio.Lock()
         self._unconfirmed: dict[str, _Unconfirmed] = {}
-        self._gathered: dict[str, _Gathered] = {}
-        self._full: deque[tuple[str, _Gathered]] = deque()
+        #: Partials not yet handed to the client, in batches, by task id.
+        self._gathered: dict[str, list[_Gathered]] = {}
+        #: A task's partials that could not be sent: raised by its next status or final.
+        self._gather_failed: dict[str, Exception] = {}
         self._gathering: asyncio.Task[None] | None = None
 
     # -- names ---------------------------------------------------------------------
@@ -248,8 +252,8 @@ class NatsResultStore(ResultStore):
             with contextlib.suppress(Exception):
                 await self._gathering
         self._expected.clear()
-        for inbox in self._watched.values():
-            inbox.break_()
+        for expectation in self._watched.values():
+            expectation.inbox.break_()
         sub, self._reply_sub = self._reply_sub, None
         if sub is not None:
             with contextlib.suppress(Exception):
@@ -258,11 +262,11 @@ class NatsResultStore(ResultStore):
 
     def _on_reconnect(self) -> None:
         """Core subscriptions miss what was published while we were away: live readers
-        replay from the stream instead."""
-        for expectation in self._expected.values():
+        replay from the stream instead (an expectation dropped is the same as a broken
+        one to ``watch``; dropping them all makes a report per lost message cheap)."""
+        self._expected.clear()
+        for expectation in self._watched.values():
             expectation.inbox.break_()
-        for inbox in self._watched.values():
-            inbox.break_()
 
     def _on_slow_consumer(self, sub: Subscription) -> None:
         if sub is self._reply_sub:
@@ -294,36 +298,38 @@ class NatsResultStore(ResultStore):
         a task's in one message (a ``batch`` when more than one): a generator yielding
         in a tight loop costs one message per turn, not per value, and one yielding now
         and then still sends each at once."""
-        gathered = self._gathered.get(event.id)
+        batches = self._gathered.setdefault(event.id, [])
         limit = self.conn.max_payload - HEADER_RESERVE
-        if gathered is not None and (len(gathered.bodies) >= BATCH_MAX_EVENTS
-                                     or gathered.size + len(body) + 64 > limit):
-            self._full.append((event.id, self._gathered.pop(event.id)))  # older: first
-            gathered = None
-        if gathered is None:
-            gathered = self._gathered[event.id] = _Gathered(subject, event.task)
-        gathered.bodies.append(body)
-        gathered.size += len(body) + 1
+        if not batches or len(batches[-1].bodies) >= BATCH_MAX_EVENTS \
+                or batches[-1].size + len(body) + 64 > limit:
+            batches.append(_Gathered(subject, event.task))
+        batches[-1].bodies.append(body)
+        batches[-1].size += len(body) + 1
         if self._gathering is None or self._gathering.done():
             self._gathering = asyncio.ensure_future(self._send_all_gathered())
 
     async def _send_all_gathered(self) -> None:
-        while self._full or self._gathered:
-            if self._full:
-                task_id, gathered = self._full.popleft()
-            else:
-                task_id = next(iter(self._gathered))
-                gathered = self._gathered.pop(task_id)
-            await self._send_message(task_id, gathered)
+        while self._gathered:
+            task_id = next(iter(self._gathered))
+            await self._send_batches(task_id, self._gathered.pop(task_id))
+
+    async def _send_batches(self, task_id: str, batches: list[_Gathered]) -> None:
+        """In order; a failure is kept for the task's next status or final, which must
+        not go out after a gap (and the worker then does not ack)."""
+        try:
+            for gathered in batches:
+                await self._send_message(task_id, gathered)
+        except Exception as exc:
+            self._gather_failed.setdefault(task_id, exc)
 
     async def _send_gathered(self, task_id: str) -> None:
         """Before another event of the task: what was gathered for it, and whatever a
         send already under way holds, is handed to the client first."""
         if self._gathering is not None and not self._gathering.done():
             await asyncio.shield(self._gathering)  # sends everything gathered so far
-        gathered = self._gathered.pop(task_id, None)
-        if gathered is not None:
-            await self._send_message(task_id, gathered)
+        await self._send_batches(task_id, self._gathered.pop(task_id, []))
+        if (failed := self._gather_failed.pop(task_id, None)) is not None:
+            raise failed
 
     async def _send_message(self, task_id: str, gathered: _Gathered) -> None:
         bodies = gathered.bodies
@@ -434,30 +440,28 @@ class NatsResultStore(ResultStore):
             return
         async with self._reply_lock:
             if self._reply_sub is None:
-                sub = await self.conn.nc.subscribe(
-                    f"{self.prefix}.results.{self._reply}.>", cb=self._on_reply,
+                self._reply_sub = await self.conn.subscribe(
+                    f"{self.prefix}.results.{self._reply}.>", self._on_reply,
                     pending_msgs_limit=REPLY_PENDING_MSGS,
                     pending_bytes_limit=REPLY_PENDING_BYTES)
-                try:
-                    await self.conn.barrier()
-                except BaseException:
-                    with contextlib.suppress(Exception):
-                        await sub.unsubscribe()
-                    raise
-                self._reply_sub = sub
 
     async def _on_reply(self, msg: Msg) -> None:
         key = msg.subject.rpartition(".")[2]
-        expectation = self._expected.get(key)
-        inbox = expectation.inbox if expectation is not None else self._watched.get(key)
-        if inbox is not None:
-            await inbox.put(msg)
+        for expectation in (self._expected.get(key), self._watched.get(key)):
+            if expectation is None:
+                continue
+            if expectation.epoch != self.conn.epoch:
+                # The connection dropped since it was made: nats-py resubscribes before it
+                # reports the reconnect, so this may follow a gap. Its reader replays.
+                expectation.inbox.break_()
+            else:
+                await expectation.inbox.put(msg)
 
     async def watch(self, task_id: str) -> AsyncIterator[ResultEvent]:
         key = token(task_id)
         expectation = self._expected.pop(key, None)
         if expectation is not None:
-            self._watched[key] = expectation.inbox
+            self._watched[key] = expectation
             try:
                 if expectation.epoch == self.conn.epoch:
                     async for event in expectation.inbox.events():
@@ -465,7 +469,8 @@ class NatsResultStore(ResultStore):
                         if event.is_final:
                             return
             finally:
-                del self._watched[key]
+                if self._watched.get(key) is expectation:  # not a later watcher's
+                    del self._watched[key]
             log.debug("live results of %s interrupted; replaying them from the stream", task_id)
         async for event in self._replay(task_id):
             yield event
@@ -495,9 +500,7 @@ class NatsResultStore(ResultStore):
     async def listen(self, task_name: str) -> AsyncIterator[ResultEvent]:
         name = "*" if task_name == "*" else token(task_name)
         inbox = _Inbox(drop_oldest=True)
-        inbox.sub = await self.conn.nc.subscribe(f"{self.prefix}.results.*.{name}.*",
-                                                 cb=inbox.put)
-        await self.conn.barrier()  # active on the server when we return
+        inbox.sub = await self.conn.subscribe(f"{self.prefix}.results.*.{name}.*", inbox.put)
         return _listening(inbox)
 
 
