@@ -192,7 +192,12 @@ class RabbitMQDelivery(Delivery):
         self._acks.ack(self._tag)
 
     async def requeue(self) -> None:
-        await self._settle("requeue", lambda: self._acks.settle(self._tag, requeue=True))
+        await self._settle("requeue", self._nack)
+
+    async def _nack(self) -> None:
+        """Back to the queue at once; also every fallback that must not lose the message
+        (called inside ``_settle``, so it cannot go through ``requeue``)."""
+        await self._acks.settle(self._tag, requeue=True)
 
     async def retry_later(self, delay: float) -> None:
         async def move() -> None:
@@ -202,8 +207,7 @@ class RabbitMQDelivery(Delivery):
                                                _copy(self.properties))
             self._acks.ack(self._tag)
 
-        await self._settle("delay", move,
-                           fallback=lambda: self._acks.settle(self._tag, requeue=True))
+        await self._settle("delay", move, fallback=self._nack)
 
     async def dead_letter(self, reason: str) -> None:
         async def move() -> None:
@@ -279,7 +283,8 @@ class _Consumer:
         self.acks: _Acks | None = None
         self.tags: list[str] = []
         self.closing: asyncio.Future[None] | None = None
-        self.cancelled: asyncio.Future[None] | None = None
+        #: Channel closes under way after a consumer cancel (held so they run to the end).
+        self._reopening: set[asyncio.Future[None]] = set()
 
     async def open(self, connection: AbstractRobustConnection) -> None:
         settings = self.broker.settings
@@ -322,7 +327,9 @@ class _Consumer:
         if not self.stopped and self.acks is not None:
             log.warning("RabbitMQ cancelled the task consumer; consuming again")
             # Not awaited here: this runs in the channel's reader, which the close needs.
-            self.cancelled = asyncio.ensure_future(quietly(self.acks.channel.close()))
+            closing = asyncio.ensure_future(quietly(self.acks.channel.close()))
+            self._reopening.add(closing)
+            closing.add_done_callback(self._reopening.discard)
 
     def _receiver(self, name: str, acks: _Acks,
                   ) -> Callable[[DeliveredMessage], Coroutine[Any, Any, None]]:
@@ -390,8 +397,7 @@ class _Consumer:
                                           _copy(properties, **{REDELIVERIES: count + 1}))
             await internal._ack()
 
-        await internal._settle("count the redelivery of", count_it,
-                               fallback=internal.requeue)
+        await internal._settle("count the redelivery of", count_it, fallback=internal._nack)
         return None
 
     def _settled(self) -> None:

@@ -9,7 +9,6 @@ while a worker is disconnected does not reach it: a request is for the workers o
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 from aio_pika import ExchangeType
@@ -66,6 +65,5 @@ async def _following(channel: AbstractRobustChannel, queue: AbstractQueue, tag: 
             yield await received.get()
     finally:
         # Cancelled first, so that the robust channel does not restore the consumer.
-        with contextlib.suppress(Exception):
-            await queue.cancel(tag)
+        await quietly(queue.cancel(tag))
         await quietly(channel.close())

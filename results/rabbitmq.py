@@ -105,13 +105,14 @@ def routing_key(task: str, task_id: str) -> str:
     return f"{task}.{_word(task_id)}"
 
 
-def _events_of(body: bytes, reader: str) -> list[ResultEvent]:
+def _events_of(body: bytes, about: str | None) -> list[ResultEvent]:
     """The events of one result message; none (and an error logged) if it is undecodable:
     one bad message must not stop a reader."""
     try:
         return decode_results(body)
     except MessageDecodeError as exc:
-        log.error("skipping an undecodable result message (%s): %s", reader, exc)
+        log.error("skipping an undecodable result message (of %s): %s",
+                  about or "several tasks", exc)
         return []
 
 
@@ -162,6 +163,7 @@ class _Final:
     event: ResultEvent
     body: bytes
     reply_to: str | None
+    key: str  # its routing key
     stored: asyncio.Future[None]
 
 
@@ -326,7 +328,11 @@ class RabbitMQResultStore(ResultStore):
             self._stream_ready.set()
 
     async def close(self) -> None:
-        """Wait (up to ``publish_timeout``) for pipelined publishes, then disconnect."""
+        """Send gathered partials, wait (up to ``publish_timeout``) for pipelined
+        publishes, then disconnect."""
+        if self._channel is not None:
+            for task_id in list(self._batches):
+                self._pipeline(task_id, *self._batch_message(task_id), slotted=False)
         pending = [p.future for queue in self._pending.values() for p in queue]
         if pending:
             await asyncio.wait(pending, timeout=self.settings.publish_timeout)
@@ -341,6 +347,7 @@ class RabbitMQResultStore(ResultStore):
         self._buffers.clear()
         self._pending.clear()
         self._failed.clear()
+        self._batches.clear()
         if connection is not None:
             await connection.close()
 
@@ -393,6 +400,7 @@ class RabbitMQResultStore(ResultStore):
             log.warning("the result stream %s did not come back within %g s after a "
                         "reconnect; publishing anyway", self.settings.stream_queue,
                         self.settings.publish_timeout)
+            self._stream_ready.set()  # given up for this outage; the next loss clears it
 
     def _inbox_lost(self, _channel: object, _exc: BaseException | None) -> None:
         """The inbox channel closed (with the connection, or alone): until it consumes
@@ -551,16 +559,19 @@ class RabbitMQResultStore(ResultStore):
                 failed.append(entry)
         if queue is not None and not queue:
             del self._pending[task_id]
-        if task_id in self._batches and task_id not in self._failed \
-                and len(queue or ()) < BATCH_AFTER:
+        if queue is not None and task_id in self._batches and task_id not in self._failed \
+                and len(queue) < BATCH_AFTER:
             # Not slotted: at most one batch per confirm, BATCH_AFTER per task in flight.
+            # Only from the live queue: once ``_flush`` took it, the batch is its to send,
+            # after the re-sends and before the final.
             self._pipeline(task_id, *self._batch_message(task_id), slotted=False)
 
     async def _commit_final(self, event: ResultEvent, body: bytes,
                             reply_to: str | None) -> None:
         """Returns once the final is confirmed, alone or in a group (see the module's
         docstring); raises what its group's publish raised."""
-        final = _Final(event, body, reply_to, asyncio.get_running_loop().create_future())
+        final = _Final(event, body, reply_to, routing_key(event.task, event.id),
+                       asyncio.get_running_loop().create_future())
         self._finals.append(final)
         self._schedule_finals()
         await final.stored
@@ -579,8 +590,7 @@ class RabbitMQResultStore(ResultStore):
         size = keys = 0
         while self._finals and len(group) < FINALS_MAX_EVENTS:
             final = self._finals[0]
-            key_size = len(routing_key(final.event.task, final.event.id)) + len(
-                final.reply_to or "") + 16
+            key_size = len(final.key) + len(final.reply_to or "") + 16
             if group and (size + len(final.body) > FINALS_MAX_BYTES
                           or keys + key_size > FINALS_MAX_KEY_BYTES):
                 break
@@ -605,7 +615,7 @@ class RabbitMQResultStore(ResultStore):
             properties, key = self._envelope(event.id, event.task, event.attempt, "final",
                                              event.status, first.reply_to)
             return first.body, properties, key
-        keys = list(dict.fromkeys(routing_key(f.event.task, f.event.id) for f in group))
+        keys = list(dict.fromkeys(f.key for f in group))
         replies = list(dict.fromkeys(f.reply_to for f in group if f.reply_to))
         headers: dict[str, Any] = {"CC": keys[1:]}
         if replies:
@@ -641,17 +651,17 @@ class RabbitMQResultStore(ResultStore):
         failed = self._failed.pop(task_id, [])
         failed += [entry for entry in queue or () if not entry.future.done() or entry.failed]
         for entry in failed:
-            await self._resend(task_id, entry)
+            await self._send_confirmed(f"re-publishing a result of task {task_id}",
+                                       entry.body, entry.properties, entry.routing_key)
         if task_id in self._batches:  # gathered after the ones above: sent after them
-            body, properties, key = self._batch_message(task_id)
-            await retrying(self.settings, f"publishing results of task {task_id}",
-                           lambda: self._send(body, properties, key,
-                                              timeout=self.settings.publish_timeout))
+            await self._send_confirmed(f"publishing results of task {task_id}",
+                                       *self._batch_message(task_id))
 
-    async def _resend(self, task_id: str, entry: _Pending) -> None:
-        await retrying(self.settings, f"re-publishing a result of task {task_id}",
-                       lambda: self._send(entry.body, entry.properties, entry.routing_key,
-                                          timeout=self.settings.publish_timeout))
+    async def _send_confirmed(self, what: str, body: bytes, properties: spec.Basic.Properties,
+                              key: str) -> None:
+        """One publish, its confirm awaited, retried through reconnects."""
+        await retrying(self.settings, what, lambda: self._send(
+            body, properties, key, timeout=self.settings.publish_timeout))
 
     # -- the inbox -----------------------------------------------------------------------
 
@@ -685,7 +695,7 @@ class RabbitMQResultStore(ResultStore):
         task_id = message.header.properties.correlation_id
         if task_id is not None and task_id not in self._buffers:
             return  # a task nobody here waits for (any more)
-        for event in _events_of(message.body, f"task {task_id or '(several)'}"):
+        for event in _events_of(message.body, task_id):
             if (buffer := self._buffers.get(event.id)) is not None:
                 buffer.receive(event)
 
@@ -869,8 +879,7 @@ class RabbitMQResultStore(ResultStore):
                 grouped = properties.correlation_id is None \
                     and properties.message_type == "batch"  # finals of several tasks
                 if grouped or properties.correlation_id in task_ids:
-                    for event in _events_of(message.body,
-                                            f"task {properties.correlation_id or '(several)'}"):
+                    for event in _events_of(message.body, properties.correlation_id):
                         if event.id in task_ids:
                             yield event
         except _Interrupted:
@@ -929,7 +938,7 @@ class RabbitMQResultStore(ResultStore):
                     with contextlib.suppress(Exception):  # from a channel that has died
                         await message.ack(multiple=True)
                     unacked = 0
-                for event in _events_of(message.body, f"a listener of {task_name!r}"):
+                for event in _events_of(message.body, task_name):
                     if task_name in ("*", event.task):  # a group of finals holds others
                         yield event
         finally:
