@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -24,14 +25,26 @@ from qtasks.errors import ConfigurationError
 from qtasks.interfaces import ResultStore
 from qtasks.protocol import ResultEvent
 
+#: Finished tasks a memory store keeps at most (``memory://?max_tasks=N``), not counting
+#: those whose submitter has not read the final yet, of which it keeps ``MAX_UNREAD``
+#: (as many as the NATS store buffers for its submitter).
+MAX_TASKS = 10_000
+MAX_UNREAD = 100_000
+
 
 class _TaskLog:
-    __slots__ = ("changed", "events", "latest")
+    __slots__ = ("awaited", "changed", "events", "latest")
 
     def __init__(self) -> None:
         self.events: list[ResultEvent] = []
         self.latest: ResultEvent | None = None
         self.changed: asyncio.Event = asyncio.Event()
+        #: Its submitter (``expect``) has not read its final yet: kept beyond ``max_tasks``.
+        self.awaited = False
+
+    @property
+    def finished(self) -> bool:
+        return self.latest is not None and self.latest.kind == "final"
 
 
 class ResultHub:
@@ -39,7 +52,12 @@ class ResultHub:
 
     def __init__(self) -> None:
         self.logs: dict[str, _TaskLog] = {}
+        #: Every finished task, by when its results expire (the TTL).
         self.expiry: list[tuple[float, str]] = []
+        #: Finished tasks nobody waits for any more, oldest first (the ``max_tasks`` bound).
+        self.done: OrderedDict[str, None] = OrderedDict()
+        #: Finished tasks whose submitter has not read the final yet (``MAX_UNREAD``).
+        self.unread: OrderedDict[str, None] = OrderedDict()
         self.listeners: dict[str, set[asyncio.Queue[ResultEvent]]] = {}
 
     def log(self, task_id: str) -> _TaskLog:
@@ -48,11 +66,29 @@ class ResultHub:
             log = self.logs[task_id] = _TaskLog()
         return log
 
-    def expire(self, now: float, keep: int) -> None:
-        """Drop finished tasks past their expiry, then the oldest beyond ``keep``."""
-        while self.expiry and (self.expiry[0][0] <= now or len(self.expiry) > keep):
+    def release(self, task_id: str, keep: int) -> None:
+        """A finished task nobody waits for any more: the oldest such beyond ``keep`` go.
+        A task whose submitter has not read its final yet is never dropped for the count
+        (a program that sends 20,000 tasks and then waits for each must get them all);
+        the TTL still applies to it."""
+        self.done[task_id] = None
+        while len(self.done) > keep:
+            self.logs.pop(self.done.popitem(last=False)[0], None)
+
+    def hold(self, task_id: str) -> None:
+        """A finished task its submitter has not read yet: kept, up to ``MAX_UNREAD``
+        of them (a producer that never waits must not grow without bound either)."""
+        self.unread[task_id] = None
+        while len(self.unread) > MAX_UNREAD:
+            self.logs.pop(self.unread.popitem(last=False)[0], None)
+
+    def expire(self, now: float) -> None:
+        """Drop finished tasks past their TTL."""
+        while self.expiry and self.expiry[0][0] <= now:
             _, task_id = heapq.heappop(self.expiry)
             self.logs.pop(task_id, None)
+            self.done.pop(task_id, None)
+            self.unread.pop(task_id, None)
 
 
 _HUBS: dict[str, ResultHub] = {}
@@ -64,10 +100,6 @@ def hub_for(url: str) -> ResultHub:
     if not name.strip("/"):
         return ResultHub()
     return _HUBS.setdefault(name, ResultHub())
-
-
-#: Finished tasks a memory store keeps at most (``memory://?max_tasks=N``).
-MAX_TASKS = 10_000
 
 
 class MemoryResultStore(ResultStore):
@@ -92,16 +124,24 @@ class MemoryResultStore(ResultStore):
     async def close(self) -> None:
         return None
 
+    async def expect(self, task_id: str) -> None:
+        self.hub.log(task_id).awaited = True
+
     async def publish(self, event: ResultEvent, body: bytes, reply_to: str | None = None) -> None:
         hub = self.hub
         log = hub.log(event.id)
+        again = log.finished  # a final published again (a redelivery): counted once
         log.events.append(event)
         if event.kind != "partial":
             log.latest = event
-        if event.kind == "final":
+        if event.kind == "final" and not again:
             now = time.time()
             heapq.heappush(hub.expiry, (now + self.ttl, event.id))
-            hub.expire(now, self.max_tasks)
+            hub.expire(now)
+            if log.awaited:
+                hub.hold(event.id)
+            else:
+                hub.release(event.id, self.max_tasks)
         log.changed.set()
         log.changed = asyncio.Event()
         for name in (event.task, "*"):
@@ -113,13 +153,18 @@ class MemoryResultStore(ResultStore):
         return log.latest if log else None
 
     async def watch(self, task_id: str) -> AsyncIterator[ResultEvent]:
-        log = self.hub.log(task_id)
+        hub = self.hub
+        log = hub.log(task_id)
         index = 0
         while True:
             changed = log.changed
             while index < len(log.events):
                 event = log.events[index]
                 index += 1
+                if event.kind == "final" and log.awaited:
+                    log.awaited = False  # read: from now on it counts toward max_tasks
+                    hub.unread.pop(task_id, None)
+                    hub.release(task_id, self.max_tasks)
                 yield event
                 if event.kind == "final":
                     return

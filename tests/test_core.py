@@ -216,3 +216,20 @@ async def test_memory_store_keeps_at_most_max_tasks_finished_tasks() -> None:
         [False, False, True, True, True]
     with pytest.raises(ConfigurationError, match="max_tasks"):
         MemoryResultStore("memory://?max_tasks=0")
+
+
+async def test_memory_store_keeps_a_final_its_submitter_has_not_read_yet() -> None:
+    """``max_tasks`` never drops a result its submitter still waits for: a program that
+    sends more tasks than that and then waits for each gets every one."""
+    store = MemoryResultStore("memory://?max_tasks=3")
+    ids = [f"t{i}" for i in range(6)]
+    for task_id in ids:
+        await store.expect(task_id)  # what add_task does before publishing
+        final = ResultEvent(kind="final", id=task_id, task="t", status="success", returning=1)
+        await store.publish(final, encode(final))
+    async with asyncio.timeout(5):
+        for task_id in ids:
+            assert [e.kind async for e in store.watch(task_id)] == ["final"]
+    # Read now: the oldest beyond max_tasks go, as for tasks nobody waited for.
+    assert [await store.get(task_id) is not None for task_id in ids] == \
+        [False, False, False, True, True, True]
