@@ -248,10 +248,11 @@ class QueueTasks:
         limit = self.max_message_size
         if self.broker.max_message_size is not None:
             limit = min(limit, self.broker.max_message_size)
-        body = encode(message, max_size=limit)
-        if self.signer is not None:
-            body = self.signer.sign(body)
-        await self.broker.publish(message, body)
+        await self.broker.publish(message, self._seal(encode(message, max_size=limit)))
+
+    def _seal(self, body: bytes) -> bytes:
+        """Signed when a signing key is set (task messages and cancel requests alike)."""
+        return body if self.signer is None else self.signer.sign(body)
 
     # -- reading results -------------------------------------------------------------
 
@@ -263,10 +264,8 @@ class QueueTasks:
         synchronous function already running in a thread runs to its end, but its result
         is dropped. Signed when a signing key is set: workers ignore forged requests."""
         await self.start()
-        body = encode(ControlMessage(id=task_id, ts=time.time(), reason=reason))
-        if self.signer is not None:
-            body = self.signer.sign(body)
-        await self.broker.broadcast(body)
+        request = ControlMessage(id=task_id, ts=time.time(), reason=reason)
+        await self.broker.broadcast(self._seal(encode(request, max_size=self.max_message_size)))
 
     async def get(self, task_id: str) -> Task | None:
         """The latest known state of a task from any producer, or None (unknown, not

@@ -36,13 +36,9 @@ class Revocations:
 
     def reason(self, task_id: str) -> str | None:
         """Why ``task_id`` was cancelled ("" if no reason was given), or None if it was
-        not (or no longer remembered)."""
-        self._expire()
+        not (or no longer remembered). Asked for every task: one lookup, no sweep."""
         entry = self._ids.get(task_id)
-        return None if entry is None else entry[1]
-
-    def __len__(self) -> int:
-        return len(self._ids)
+        return None if entry is None or entry[0] <= time.monotonic() else entry[1]
 
     def _expire(self) -> None:
         now = time.monotonic()

@@ -14,6 +14,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from qtasks.interfaces import close_iterator
 from qtasks.protocol import ResultEvent
 from qtasks.task import Task
 
@@ -48,9 +49,8 @@ class SyncApp:
                 except StopAsyncIteration:
                     return
         finally:
-            aclose = getattr(iterator, "aclose", None)
-            if aclose is not None and self._loop.is_running():
-                self.run(aclose())
+            if self._loop.is_running():
+                self.run(close_iterator(iterator))
 
     def add_task(self, task_name: str, *args: Any, **options: Any) -> SyncTask:
         """``QueueTasks.add_task``, blocking; with ``timeout=`` it waits for the end."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from qtasks.errors import TaskFailedError, TaskTimeoutError
+from qtasks.interfaces import close_iterator
 from qtasks.protocol import ErrorInfo, ResultEvent
 
 if TYPE_CHECKING:
@@ -194,13 +195,17 @@ class Task:
         if self.app is None:
             raise RuntimeError("this Task is not bound to an app")
         latest = _Latest()
-        async for event in self.app.results_store.watch(self.id):
-            if latest.take(event):
-                if event.kind != "partial":
-                    self.apply(event)
-                yield event
-                if event.kind == "final":
-                    return
+        events = self.app.results_store.watch(self.id)
+        try:
+            async for event in events:
+                if latest.take(event):
+                    if event.kind != "partial":
+                        self.apply(event)
+                    yield event
+                    if event.kind == "final":
+                        return
+        finally:
+            await close_iterator(events)  # now, not by the loop's finaliser as a new task
 
     async def stream(self) -> AsyncIterator[Any]:
         """Each partial value, in order, from the first (even those published before this
@@ -225,10 +230,11 @@ class Task:
             raise RuntimeError("this Task is not bound to an app")
         timer = asyncio.timeout(timeout)
         latest = _Latest()
+        events = self.app.results_store.watch(self.id)
         try:
             # ``events()`` without its generator: a producer waits for every task it sends.
             async with timer:
-                async for event in self.app.results_store.watch(self.id):
+                async for event in events:
                     if latest.take(event) and event.kind != "partial":
                         self.apply(event)
                         if event.kind == "final":
@@ -237,6 +243,8 @@ class Task:
             if not timer.expired():
                 raise  # a backend's own timeout, not this wait running out
             raise TaskTimeoutError(self.id, timeout) from None
+        finally:
+            await close_iterator(events)
         return self
 
     async def cancel(self, reason: str = "") -> None:

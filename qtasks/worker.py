@@ -76,9 +76,16 @@ class _RunningStatus:
         await asyncio.shield(self._send())
 
     async def settle(self) -> None:
+        """Before the final: a status not published is logged, not raised. It is not the
+        durable result (the final carries ``started_at`` and ``worker`` too), and raising
+        would send back, to run again, a task that has already run."""
         self._timer.cancel()
         if self._sent is not None:
-            await asyncio.shield(self._sent)
+            try:
+                await asyncio.shield(self._sent)
+            except Exception as exc:
+                log.warning("the running status was not published (%s: %s)",
+                            type(exc).__name__, exc)
 
     def cancel(self) -> None:
         """The attempt ends without a final (the worker stops): no late publish."""
@@ -89,6 +96,13 @@ class _RunningStatus:
 
 class TaskTimeLimitExceeded(Exception):
     """A task ran longer than its ``max_time``; reported as the final error's type."""
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """A worker's helper task ended by an error: say so when it happens (cancel requests
+    are no longer followed), not only at shutdown."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("%s failed; the worker goes on without it", task.get_name(), exc_info=exc)
 
 
 def error_info(exc: BaseException) -> ErrorInfo:
@@ -130,7 +144,8 @@ class Worker:
         self.revoked = Revocations(revoke_ttl)
         #: Tasks whose function runs now, by task id: what a cancel request interrupts.
         self._executing: dict[str, asyncio.Task[Any]] = {}
-        self._cancelling: set[str] = set()
+        #: Runs interrupted by a cancel request (not by the worker stopping).
+        self._cancelling: set[asyncio.Task[Any]] = set()
         self.processed = 0
         self._stop = asyncio.Event()
         self._started = asyncio.Event()
@@ -154,6 +169,7 @@ class Worker:
         except NotImplementedError:
             control = None
         follow = asyncio.create_task(self._follow_control(control), name="qtasks-control")
+        follow.add_done_callback(_log_failure)
         consumer = asyncio.create_task(self._consume(), name="qtasks-consume")
         lease = asyncio.create_task(self._keep_leases(), name="qtasks-lease")
         self._started.set()
@@ -172,8 +188,8 @@ class Worker:
             await self._drain()
             for helper in (lease, follow):
                 helper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await helper
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await helper  # a failure was logged when it happened
             self._threads.shutdown(wait=False, cancel_futures=True)
             log.info("worker %s stopped after %d tasks", self.name, self.processed)
 
@@ -235,7 +251,7 @@ class Worker:
                 running = self._executing.get(request.id)
                 if running is not None:
                     log.info("cancelling task %s on request", request.id)
-                    self._cancelling.add(request.id)
+                    self._cancelling.add(running)
                     running.cancel()
         finally:
             await close_iterator(control)
@@ -272,7 +288,11 @@ class Worker:
         if message.not_before is not None:
             wait = message.not_before - time.time()
             if wait > 0.001:
-                await delivery.retry_later(wait)
+                if self.revoked.reason(message.id) is not None:
+                    # Now, not when due: by then this worker may have forgotten the request.
+                    await self._end_cancelled(delivery, message)
+                else:
+                    await delivery.retry_later(wait)
                 return
         if delivery.redelivered:
             previous = await app.results_store.get(message.id)
@@ -287,14 +307,17 @@ class Worker:
         # No await from this check until the task is registered as executing, so a
         # cancel request is either seen here or interrupts the run.
         if self.revoked.reason(message.id) is not None:
-            log.info("task %s %s was cancelled before it started", message.task, message.id)
-            now = time.time()
-            base = ResultEvent(kind="final", id=message.id, task=message.task,
-                               attempt=message.attempt, started_at=now, worker=self.name)
-            await self._finish(delivery, message, base, TaskStatus.CANCELLED, None,
-                               self._cancelled(message, "before it started"))
+            await self._end_cancelled(delivery, message)
             return
         await self._run(delivery, message, schema)
+
+    async def _end_cancelled(self, delivery: Delivery, message: TaskMessage) -> None:
+        """A task cancelled before it started: its final says so, and it never runs."""
+        log.info("task %s %s was cancelled before it started", message.task, message.id)
+        base = ResultEvent(kind="final", id=message.id, task=message.task,
+                           attempt=message.attempt, started_at=time.time(), worker=self.name)
+        await self._finish(delivery, message, base, TaskStatus.CANCELLED, None,
+                           self._cancelled(message, "before it started"))
 
     def _cancelled(self, message: TaskMessage, when: str) -> ErrorInfo:
         """The final's error for a task ended by a cancel request, with its reason."""
@@ -354,7 +377,7 @@ class Worker:
                 error = error_info(TaskTimeLimitExceeded(
                     f"task {message.task} {message.id} exceeded max_time of {max_time} s"))
         except asyncio.CancelledError as exc:
-            if message.id in self._cancelling and current.uncancel() == 0:
+            if current in self._cancelling and current.uncancel() == 0:
                 status = TaskStatus.CANCELLED
                 error = self._cancelled(message, "while running")
             elif current.cancelling():
@@ -368,8 +391,9 @@ class Worker:
                 status, error = TaskStatus.ERROR, error_info(exc)
         finally:
             # From here on a cancel request no longer interrupts: the outcome is decided.
-            self._executing.pop(message.id, None)
-            self._cancelling.discard(message.id)
+            if self._executing.get(message.id) is current:  # not a second run of the id
+                del self._executing[message.id]
+            self._cancelling.discard(current)
         await running.settle()
         if failed_attempt is not None:
             await self._retry(delivery, message, schema, base, failed_attempt, reply_to)
