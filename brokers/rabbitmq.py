@@ -148,8 +148,10 @@ class _Acks:
     async def _send(self) -> None:
         try:
             while acks := self._batch():
-                for tag, multiple in acks:
-                    await self.channel.basic_ack(tag, multiple=multiple)
+                last = len(acks) - 1
+                for index, (tag, multiple) in enumerate(acks):
+                    # One write queue, in order: waiting for the last one is waiting for all.
+                    await self.channel.basic_ack(tag, multiple=multiple, wait=index == last)
         except Exception as exc:
             log.warning("could not ack task messages (%s: %s); RabbitMQ will hand them out "
                         "again", type(exc).__name__, exc)
