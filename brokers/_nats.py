@@ -327,8 +327,16 @@ class Connection:
                 await self.retry(f"create stream {config.name}", lambda: js.add_stream(config),
                                  timeout=self.connect_timeout)
             except nats.js.errors.BadRequestError as exc:
-                if exc.err_code != 10058:  # stream name already in use with another config
+                # 10058: the name is in use with another config. 10065: the subjects overlap,
+                # which the server also answers while another process is creating this very
+                # stream; either way it is ours to bring to ``config`` if it exists by name.
+                if exc.err_code not in (10058, 10065):
                     raise
+                if not await self._exists(config):
+                    raise ConfigurationError(
+                        f"cannot create stream {config.name}: another stream on "
+                        f"{redact(self.url)} already takes its subjects {config.subjects}; "
+                        "choose another prefix or remove that stream") from exc
                 await self.retry(f"update stream {config.name}",
                                  lambda: js.update_stream(config), timeout=self.connect_timeout)
         except Exception as exc:
@@ -338,6 +346,13 @@ class Connection:
                 f"cannot create stream {config.name} on {redact(self.url)} within "
                 f"{self.connect_timeout:g} s: {type(exc).__name__}: {exc} (is JetStream "
                 "enabled? nats-server -js)") from None
+
+    async def _exists(self, config: StreamConfig) -> bool:
+        try:
+            await self.js.stream_info(config.name or "")
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
 
     async def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):

@@ -118,6 +118,20 @@ async def test_a_server_without_jetstream_is_a_clear_error(tmp_path: Path) -> No
         await broker.close()
 
 
+async def test_a_foreign_stream_on_our_subjects_is_a_clear_error(nats_url: str,
+                                                                   prefix: str) -> None:
+    nc = await nats.connect(nats_url)
+    broker = NatsBroker(f"{nats_url}?prefix={prefix}")
+    try:
+        await nc.jetstream().add_stream(name=f"{prefix}_foreign", subjects=[f"{prefix}.>"])
+        with pytest.raises(ConfigurationError, match=rf"{prefix}_TASKS: another stream"):
+            await broker.start()
+    finally:
+        await broker.close()
+        await nc.close()
+        await delete_namespace(nats_url, prefix)
+
+
 async def test_tls_with_a_private_ca(tmp_path: Path) -> None:
     require_tools("openssl")
     certs = await asyncio.to_thread(certificates, tmp_path)

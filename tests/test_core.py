@@ -78,6 +78,36 @@ async def test_executors_run_locally_with_handler_and_emit() -> None:
     assert await AsyncTaskExecutor(TaskExecSchema("p", plain), (3,), {"b": 4}).execute() == 12
 
 
+class TenfoldExecutor(AsyncTaskExecutor):
+    """An app-wide replacement that overrides ``run_task_gen`` and streams through emit."""
+
+    async def run_task_gen(self) -> list[Any]:
+        return [await self.emit(value * 10) async for value in self.iterate()]
+
+
+async def test_an_app_wide_executor_runs_every_task_that_names_none() -> None:
+    app = QueueTasks(executor=TenfoldExecutor)
+
+    @app.task
+    async def counted(n: int):  # type: ignore[no-untyped-def]
+        for i in range(n):
+            yield i
+
+    @app.task(executor=AsyncTaskExecutor)  # a task's own executor wins
+    async def plain(n: int):  # type: ignore[no-untyped-def]
+        for i in range(n):
+            yield i
+
+    async with app:
+        task = await counted.add_task(3)
+        async with asyncio.timeout(10):
+            streamed = [v async for v in task.stream()]
+        await task.wait(10)
+        own = await plain.add_task(3, timeout=10)
+    assert streamed == task.returning == [0, 10, 20]
+    assert own.returning == [0, 1, 2]
+
+
 def test_decorator_bare_and_with_options_and_direct_call() -> None:
     app = QueueTasks()
 
@@ -116,6 +146,29 @@ def test_registry_resolves_and_explains() -> None:
         broker_from_url("127.0.0.1")
     assert redact("amqp://user:secret@host:5672/") == "amqp://user:***@host:5672/"
     assert redact("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
+
+
+class PluginBroker(MemoryBroker):
+    """A third-party broker as a plugin would ship one: found through its entry point."""
+
+
+def test_third_party_backends_register_through_entry_points(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A real installed distribution's metadata, found by importlib.metadata on sys.path.
+    dist = tmp_path / "qtasks_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: qtasks-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[qtasks.brokers]\nplugin = tests.test_core:PluginBroker\n"
+        "[qtasks.results]\nplugin = results.memory:MemoryResultStore\n")
+    with pytest.raises(ConfigurationError, match=r"qtasks\.brokers' entry-point group"):
+        broker_from_url("plugin://before")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    broker = broker_from_url("plugin://shared")
+    assert type(broker) is PluginBroker and broker.url == "plugin://shared"
+    app = QueueTasks(broker="plugin://shared", results="plugin://shared")
+    assert type(app.broker) is PluginBroker
+    assert isinstance(app.results_store, MemoryResultStore)
 
 
 def test_environment_configures_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
