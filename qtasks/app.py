@@ -118,6 +118,7 @@ class QueueTasks:
         seconds, doubling up to ``retry_backoff_max`` (or a full ``RetryPolicy``).
         """
         self._check_priority(priority)
+        self._check_result_ttl(result_ttl)
         policy = retry if isinstance(retry, RetryPolicy) else RetryPolicy(
             retries=retry, backoff=retry_backoff, backoff_max=retry_backoff_max)
 
@@ -140,6 +141,18 @@ class QueueTasks:
         names = [self.default_queue]
         names += sorted({s.queue for s in self.registry.values()} - {self.default_queue})
         return names
+
+    def _check_result_ttl(self, result_ttl: float | None) -> None:
+        """A task's result cannot outlive what its store keeps: say so now, not when a
+        result is missing a day later."""
+        if result_ttl is None:
+            return
+        if result_ttl <= 0:
+            raise ConfigurationError(f"result_ttl must be positive, not {result_ttl}")
+        if result_ttl > self.results_store.ttl:
+            raise ConfigurationError(
+                f"result_ttl {result_ttl:g} s is longer than the result store keeps results "
+                f"({self.results_store.ttl:g} s); raise the store's ttl (?ttl= in its URL)")
 
     def _check_priority(self, priority: int | None) -> None:
         if priority and not self.broker.supports_priority:
@@ -272,7 +285,7 @@ class QueueTasks:
         started yet, or expired)."""
         await self.start()
         event = await self.results_store.get(task_id)
-        if event is None:
+        if event is None or event.expired(time.time()):
             return None
         task = Task(id=task_id, name=event.task, app=self)
         task.apply(event)

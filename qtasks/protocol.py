@@ -136,6 +136,10 @@ class ResultEvent:
     finished_at: float | None = None
     worker: str | None = None
     partials: int = 0
+    #: When the task was submitted, so that any reader (not only its submitter) knows.
+    created_at: float | None = None
+    #: Past this time readers treat the result as gone (the task's ``result_ttl``).
+    expires_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         base: dict[str, Any] = {
@@ -148,13 +152,20 @@ class ResultEvent:
             return base
         base["status"] = self.status
         base["error"] = self.error.to_dict() if self.error else None
+        base["created_at"] = self.created_at
         base["started_at"] = self.started_at
         base["worker"] = self.worker
         if self.kind == "final":
             base["returning"] = self.returning
             base["finished_at"] = self.finished_at
             base["partials"] = self.partials
+            if self.expires_at is not None:
+                base["expires_at"] = self.expires_at
         return base
+
+    def expired(self, now: float) -> bool:
+        """A final past its ``result_ttl``: readers treat the task as unknown."""
+        return self.expires_at is not None and self.expires_at <= now
 
     @property
     def is_final(self) -> bool:
@@ -307,6 +318,8 @@ def _result_from(data: dict[str, Any], kind: ResultKind) -> ResultEvent:
         finished_at=_optional_float(data.get("finished_at")),
         worker=data.get("worker"),
         partials=int(data.get("partials") or 0),
+        created_at=_optional_float(data.get("created_at")),
+        expires_at=_optional_float(data.get("expires_at")),
     )
 
 

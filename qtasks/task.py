@@ -178,6 +178,7 @@ class Task:
         if event.status is not None:
             self.status = TaskStatus(event.status)
         self.error = event.error
+        self.created_at = event.created_at or self.created_at
         self.started_at = event.started_at or self.started_at
         self.worker = event.worker or self.worker
         if event.kind == "final":

@@ -24,12 +24,13 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from qtasks.cancellation import REVOKE_TTL, Revocations, TaskCancelled
-from qtasks.errors import MessageDecodeError, MessageEncodeError
+from qtasks.errors import MessageDecodeError, MessageEncodeError, UnknownTaskError
 from qtasks.executors import default_executor
 from qtasks.interfaces import Delivery, close_iterator
 from qtasks.protocol import (
     ErrorInfo,
     ResultEvent,
+    ResultKind,
     TaskMessage,
     decode_control,
     decode_task,
@@ -282,8 +283,7 @@ class Worker:
             return
         schema = app.registry.get(message.task)
         if schema is None:
-            log.error("dead-lettering task %s: unknown task name %r", message.id, message.task)
-            await delivery.dead_letter(f"unknown task: {message.task!r}")
+            await self._end_unknown(delivery, message)
             return
         if message.not_before is not None:
             wait = message.not_before - time.time()
@@ -311,11 +311,23 @@ class Worker:
             return
         await self._run(delivery, message, schema)
 
+    async def _end_unknown(self, delivery: Delivery, message: TaskMessage) -> None:
+        """A task this worker does not know: its submitter gets an ``error`` final at once
+        (rather than waiting out its timeout), and the message is kept as a dead letter, to
+        be requeued once a worker that knows the task is deployed."""
+        reason = f"unknown task: {message.task!r}"
+        log.error("dead-lettering task %s: %s", message.id, reason)
+        error = error_info(UnknownTaskError(
+            f"no task named {message.task!r} is registered on worker {self.name} (queue "
+            f"{message.queue!r}); the message is kept as a dead letter"))
+        base = self._event("final", message, time.time())
+        await self._finish(delivery, message, base, TaskStatus.ERROR, None, error,
+                           settle=lambda: delivery.dead_letter(reason))
+
     async def _end_cancelled(self, delivery: Delivery, message: TaskMessage) -> None:
         """A task cancelled before it started: its final says so, and it never runs."""
         log.info("task %s %s was cancelled before it started", message.task, message.id)
-        base = ResultEvent(kind="final", id=message.id, task=message.task,
-                           attempt=message.attempt, started_at=time.time(), worker=self.name)
+        base = self._event("final", message, time.time())
         await self._finish(delivery, message, base, TaskStatus.CANCELLED, None,
                            self._cancelled(message, "before it started"))
 
@@ -325,6 +337,12 @@ class Worker:
         return error_info(TaskCancelled(f"task {message.task} {message.id} was cancelled "
                                         f"{when}{': ' + reason if reason else ''}"))
 
+    def _event(self, kind: ResultKind, message: TaskMessage, started_at: float) -> ResultEvent:
+        """What every result event of this attempt says about it."""
+        return ResultEvent(kind=kind, id=message.id, task=message.task,
+                           attempt=message.attempt, started_at=started_at, worker=self.name,
+                           created_at=message.created_at or None)
+
     async def _publish(self, event: ResultEvent, reply_to: str | None) -> None:
         body = encode(event)
         await self.app.results_store.publish(event, body, reply_to)
@@ -333,8 +351,7 @@ class Worker:
                    schema: TaskExecSchema) -> None:
         reply_to = message.headers.get("reply_to")
         started_at = time.time()
-        base = ResultEvent(kind="status", id=message.id, task=message.task,
-                           attempt=message.attempt, started_at=started_at, worker=self.name)
+        base = self._event("status", message, started_at)
         running = _RunningStatus(
             lambda: self._publish(replace(base, status=TaskStatus.RUNNING.value,
                                           ts=started_at), reply_to),
@@ -402,11 +419,15 @@ class Worker:
                            error)
 
     async def _finish(self, delivery: Delivery, message: TaskMessage, base: ResultEvent,
-                      status: TaskStatus, returning: Any, error: ErrorInfo | None) -> None:
-        """Publish the final (durable), then ack."""
+                      status: TaskStatus, returning: Any, error: ErrorInfo | None,
+                      settle: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Publish the final (durable), then settle the message (``ack`` by default)."""
+        now = time.time()
+        schema = self.app.registry.get(message.task)
+        ttl = schema.result_ttl if schema is not None else None
         final = replace(base, kind="final", status=status.value, returning=returning,
-                        error=error, finished_at=time.time())
-        final.ts = final.finished_at or 0.0
+                        error=error, finished_at=now, ts=now,
+                        expires_at=None if ttl is None else now + ttl)
         try:
             body = encode(final)
         except MessageEncodeError as exc:
@@ -414,7 +435,7 @@ class Worker:
                             error=error_info(exc))
             body = encode(final)
         await self.app.results_store.publish(final, body, message.headers.get("reply_to"))
-        await delivery.ack()
+        await (settle or delivery.ack)()
 
     async def _retry(self, delivery: Delivery, message: TaskMessage, schema: TaskExecSchema,
                      base: ResultEvent, exc: Exception, reply_to: str | None) -> None:

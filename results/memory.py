@@ -136,7 +136,10 @@ class MemoryResultStore(ResultStore):
             log.latest = event
         if event.kind == "final" and not again:
             now = time.time()
-            heapq.heappush(hub.expiry, (now + self.ttl, event.id))
+            expires = now + self.ttl
+            if event.expires_at is not None:
+                expires = min(expires, event.expires_at)
+            heapq.heappush(hub.expiry, (expires, event.id))
             hub.expire(now)
             if log.awaited:
                 hub.hold(event.id)
@@ -149,11 +152,13 @@ class MemoryResultStore(ResultStore):
                 queue.put_nowait(event)
 
     async def get(self, task_id: str) -> ResultEvent | None:
+        self.hub.expire(time.time())  # on time even when no other task finishes
         log = self.hub.logs.get(task_id)
         return log.latest if log else None
 
     async def watch(self, task_id: str) -> AsyncIterator[ResultEvent]:
         hub = self.hub
+        hub.expire(time.time())
         log = hub.log(task_id)
         index = 0
         while True:

@@ -33,6 +33,7 @@ from qtasks import (
     TaskTimeoutError,
     Worker,
 )
+from qtasks.interfaces import DeadLetter
 from qtasks.protocol import ResultEvent, encode, uuid7
 
 #: Upper bound for any single wait in these tests: a hang fails, it does not stall CI.
@@ -45,6 +46,10 @@ CALLS: dict[str, int] = {}
 
 def gate(token: str) -> asyncio.Event:
     return GATES.setdefault(token, asyncio.Event())
+
+
+#: The ``result_ttl`` of the contract's ``short_lived`` task, in seconds.
+SHORT_RESULT_TTL = 0.5
 
 
 class DoublingExecutor(AsyncTaskExecutor):
@@ -136,6 +141,10 @@ def register_contract_tasks(app: QueueTasks) -> None:
     async def doubled(n: int):  # type: ignore[no-untyped-def]
         for i in range(n):
             yield i
+
+    @app.task(name="short_lived", result_ttl=SHORT_RESULT_TTL)
+    async def short_lived() -> str:
+        return "brief"
 
     @app.task(name="tagged", description="d", queue="other", tags=["a", "b"], result_ttl=60)
     async def tagged() -> str:
@@ -241,6 +250,15 @@ async def publish_one(app: QueueTasks, queue: str) -> bytes:
     message, body = task_message(queue)
     await app.broker.publish(message, body)
     return body
+
+
+async def kept_dead_letters(app: QueueTasks, count: int) -> list[DeadLetter]:
+    """The namespace's dead letters once there are ``count`` (a broker may file them a
+    moment after the settle returned)."""
+    async with asyncio.timeout(DEADLINE):
+        while len(letters := await app.broker.dead_letters()) < count:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    return letters
 
 
 async def three_readers(task: Task, reader: QueueTasks, listener: Drain,
@@ -420,9 +438,26 @@ class BackendContract:
         assert found.status is TaskStatus.SUCCESS
         assert found.returning == [0, 1, 2]
         assert found.name == "count"
+        assert found.created_at == task.created_at  # every reader knows when it was sent
+        assert found.started_at is not None and found.finished_at is not None
+        assert task.created_at is not None
+        assert task.created_at <= found.started_at <= found.finished_at
         async with asyncio.timeout(DEADLINE):
             assert [v async for v in reader.task_handle(task.id).stream()] == [0, 1, 2]
         assert await reader.get(uuid7()) is None
+
+    async def test_result_ttl_of_a_task_hides_its_result_once_past(
+            self, backend: Backend) -> None:
+        producer, worker_app, reader = backend.app(), backend.app(), backend.app()
+        async with running_worker(worker_app):
+            task = await producer.add_task("short_lived", timeout=DEADLINE)
+        found = await reader.get(task.id)
+        assert found is not None and found.returning == "brief"
+        assert task.finished_at is not None
+        async with asyncio.timeout(DEADLINE):
+            while await reader.get(task.id) is not None:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)  # polling the store under test, bounded
+        assert time.time() >= task.finished_at + SHORT_RESULT_TTL
 
     async def test_get_while_running(self, backend: Backend) -> None:
         producer, worker_app, reader = backend.app(), backend.app(), backend.app()
@@ -671,12 +706,20 @@ class BackendContract:
         producer, worker_app = backend.app(), backend.app()
         async with running_worker(worker_app) as worker:
             unknown = await producer.add_task("no_such_task", 1)
-            garbage = TaskMessage(id=uuid7(), task="add", queue="default")
-            await producer.broker.publish(garbage, b"\x00 not json")
+            garbage, garbage_body = TaskMessage(id=uuid7(), task="add"), b"\x00 not json"
+            await producer.broker.publish(garbage, garbage_body)
             ok = await producer.add_task("add", 1, 2, timeout=DEADLINE)
             assert ok.returning == 3
             await settled(worker, 3)
-        assert await producer.get(unknown.id) is None
+            # The submitter hears of it at once, instead of waiting out its timeout.
+            await unknown.wait(DEADLINE)
+        assert unknown.status is TaskStatus.ERROR and unknown.error is not None
+        assert unknown.error.type == "UnknownTaskError"
+        assert "'no_such_task'" in unknown.error.message
+        # Nothing is lost: both messages are kept with the reason.
+        letters = await kept_dead_letters(producer, 2)
+        assert {(letter.body == garbage_body, letter.reason.split(":")[0])
+                for letter in letters} == {(False, "unknown task"), (True, "undecodable")}
 
     async def test_forged_or_unsigned_tasks_never_run(self, backend: Backend) -> None:
         producer, worker_app = backend.app(signing_key="k1"), backend.app(signing_key="k1")
@@ -793,7 +836,7 @@ class BackendContract:
     async def test_dead_letter_is_not_redelivered(self, backend: Backend) -> None:
         app = backend.app()
         queue = "dead"
-        await publish_one(app, queue)
+        body = await publish_one(app, queue)
         deliveries = Drain(app.broker.consume([queue], prefetch=1))
         try:
             delivery = await deliveries.next()
@@ -802,6 +845,14 @@ class BackendContract:
             assert await deliveries.nothing_within(0.5)
         finally:
             await deliveries.close()
+        [letter] = await kept_dead_letters(app, 1)
+        assert (letter.queue, letter.body, letter.reason) == (queue, body, "test reason")
+        # A new consumer does not get it either: it left the queue, not just this lease.
+        again = Drain(app.broker.consume([queue], prefetch=1))
+        try:
+            assert await again.nothing_within(0.5)
+        finally:
+            await again.close()
 
     # -- the result store contract directly ----------------------------------------
 

@@ -171,6 +171,34 @@ def test_third_party_backends_register_through_entry_points(
     assert isinstance(app.results_store, MemoryResultStore)
 
 
+def test_a_result_ttl_the_store_cannot_keep_is_refused() -> None:
+    app = QueueTasks(results="memory://?ttl=60")
+    with pytest.raises(ConfigurationError, match="longer than the result store keeps"):
+        app.task(result_ttl=120)(lambda: None)
+    with pytest.raises(ConfigurationError, match="must be positive"):
+        app.task(result_ttl=0)(lambda: None)
+    assert app.task(name="kept", result_ttl=60)(lambda: None).schema.result_ttl == 60
+
+
+async def test_memory_results_expire_on_time_without_other_traffic() -> None:
+    ttl = 0.2
+    app = QueueTasks(broker=f"memory://{uuid.uuid4().hex}",
+                     results=f"memory://{uuid.uuid4().hex}?ttl={ttl}")
+
+    @app.task
+    async def once() -> int:
+        return 1
+
+    async with app:
+        task = await once.add_task(timeout=10)
+        assert task.finished_at is not None
+        assert (await app.get(task.id)) is not None
+        async with asyncio.timeout(10):
+            while await app.get(task.id) is not None:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)  # polling the store under test, bounded
+    assert time.time() >= task.finished_at + ttl
+
+
 def test_environment_configures_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QTASKS_BROKER_URL", "memory://from-env")
     app = QueueTasks()
