@@ -15,7 +15,8 @@ Topology, every name under the URL's ``prefix`` (``docs/rabbitmq.md`` has the fu
 
 Tasks are published persistent, ``mandatory`` and with publisher confirms: ``publish``
 returns once RabbitMQ has taken the message, and an unroutable one is an error. Workers
-consume with manual acks and ``basic.qos`` equal to their concurrency.
+consume with manual acks and ``basic.qos`` equal to their concurrency, or to the
+``prefetch`` option when it is set (they still run at most their concurrency at once).
 """
 
 from __future__ import annotations
@@ -271,12 +272,17 @@ class _Consumer:
     def __init__(self, broker: RabbitMQBroker, queues: Sequence[str], prefetch: int) -> None:
         self.broker = broker
         self.queues = list(queues)
-        self.prefetch = max(1, min(prefetch, 65535))
+        #: The ``basic.qos`` count: the ``prefetch`` option when set (what RabbitMQ may
+        #: hand out ahead of the acks, as a Celery user means by prefetch), else the
+        #: ``prefetch`` of this call (the worker's concurrency).
+        self.prefetch = max(1, min(broker.settings.prefetch or prefetch, 65535))
         self.inbox: asyncio.Queue[tuple[str, DeliveredMessage, _Acks] | None] = \
             asyncio.Queue()
-        # The client-side bound: with several quorum queues RabbitMQ can only limit each
-        # consumer, so the worker must not run more than ``prefetch`` at once by itself.
-        self.slots = asyncio.Semaphore(self.prefetch)
+        # The client-side bound on deliveries handed out and unsettled: never more than
+        # this call's ``prefetch`` (the worker's concurrency relies on it), whatever
+        # RabbitMQ sends ahead (a larger ``prefetch`` option, or several quorum queues,
+        # which RabbitMQ can only limit per consumer); the rest waits unacked in ``inbox``.
+        self.slots = asyncio.Semaphore(max(1, min(prefetch, self.prefetch)))
         self.unsettled = 0
         self.stopped = False
         self.closed = False
@@ -461,6 +467,7 @@ class RabbitMQBroker(Broker):
             # Quorum queues on RabbitMQ 3.10 ignore priorities (and max_priority=0 turns
             # them off): the app then refuses them up front instead of ignoring them.
             self.supports_priority = False
+        self.max_priority = self.settings.max_priority
         self.consumers: set[_Consumer] = set()
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None

@@ -58,3 +58,9 @@ async def long_task(tag: str, seconds: float) -> str:
 def sync_sleep(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
+
+
+@app.task(queue="reports")
+async def report(name: str) -> str:
+    """On a second queue: run only by workers started with ``--queues ...,reports``."""
+    return f"report {name} by {os.getpid()}"

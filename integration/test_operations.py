@@ -209,17 +209,22 @@ def test_cli_unreachable_broker_is_a_clear_error(deployment: Deployment) -> None
     assert "s3cret" not in result.stderr + result.stdout
 
 
-def test_sigterm_lets_the_running_task_finish(deployment: Deployment) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_lets_the_running_task_finish(deployment: Deployment,
+                                              stop: signal.Signals) -> None:
+    """Either signal stops a worker gracefully; ``--queues`` takes tasks from each queue."""
     app = deployment.app()
     client = app.sync
     try:
-        worker = WorkerProcess(deployment.env, grace=30)
+        worker = WorkerProcess(deployment.env, grace=30, queues="default,reports")
         try:
             worker.wait_ready()
+            report = client.add_task("report", "q2", timeout=DEADLINE)
+            assert report.returning == f"report q2 by {worker.pid}"
             task = client.add_task("long_task", "graceful", 1.5)
             wait_for(lambda: any(deployment.test_dir.glob("started-graceful-*")),
                      what="the task to start")
-            worker.proc.send_signal(signal.SIGTERM)
+            worker.proc.send_signal(stop)
             assert worker.proc.wait(DEADLINE) == 0, worker.output
         finally:
             worker.kill()

@@ -155,10 +155,17 @@ class QueueTasks:
                 f"({self.results_store.ttl:g} s); raise the store's ttl (?ttl= in its URL)")
 
     def _check_priority(self, priority: int | None) -> None:
-        if priority and not self.broker.supports_priority:
+        if not priority:
+            return
+        if not self.broker.supports_priority:
             raise ConfigurationError(
                 f"{type(self.broker).__name__} does not support task priorities; "
                 "use separate queues instead")
+        highest = self.broker.max_priority
+        if highest is not None and not 0 <= priority <= highest:
+            raise ConfigurationError(
+                f"priority {priority} is outside 0..{highest}, the range "
+                f"{type(self.broker).__name__} orders by (its max_priority option)")
 
     # -- lifecycle -------------------------------------------------------------------
 

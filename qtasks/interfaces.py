@@ -103,6 +103,10 @@ class Broker(abc.ABC):
     #: priority sets this False; the app then refuses a non-zero priority at configuration
     #: time instead of ignoring it.
     supports_priority: bool = True
+    #: The highest priority it can order by (RabbitMQ's ``x-max-priority``), or None for
+    #: no bound. The app refuses a priority outside ``0..max_priority`` rather than have
+    #: it clamped silently.
+    max_priority: int | None = None
     #: Seconds between ``Delivery.keep_alive`` calls for a running task, or None.
     lease_interval: float | None = None
     #: The broker's own limit on one message, in bytes, once started (None: no limit).

@@ -34,7 +34,7 @@ from qtasks import (
     Worker,
 )
 from qtasks.interfaces import DeadLetter
-from qtasks.protocol import ResultEvent, encode, uuid7
+from qtasks.protocol import ResultEvent, decode_task, encode, uuid7
 
 #: Upper bound for any single wait in these tests: a hang fails, it does not stall CI.
 DEADLINE = 20.0
@@ -132,6 +132,10 @@ def register_contract_tasks(app: QueueTasks) -> None:
     @app.task(name="too_slow", max_time=0.2)
     async def too_slow() -> None:
         await asyncio.sleep(30)
+
+    @app.task(name="too_slow_sync", max_time=0.2)
+    def too_slow_sync() -> None:
+        time.sleep(1.0)  # a thread cannot be interrupted: its result is dropped
 
     @app.task(name="unencodable_result")
     async def unencodable_result() -> object:
@@ -414,6 +418,31 @@ class BackendContract:
             kinds = [(e.kind, e.value) for e in seen[task_id]]
             assert kinds == [("status", None), ("partial", 0), ("partial", 1), ("final", None)]
 
+    async def test_app_listen_follows_runs_live(self, backend: Backend) -> None:
+        """``app.listen`` itself (``subscribe`` is the form that returns once live): it
+        subscribes on its first iteration, so tasks are sent until it hears one."""
+        producer, listener, worker_app = backend.app(), backend.app(), backend.app()
+        stream = listener.listen("count")
+        async with running_worker(worker_app):
+            first = asyncio.ensure_future(anext(stream))
+            try:
+                async with asyncio.timeout(DEADLINE):
+                    while not first.done():
+                        await producer.add_task("count", 1, timeout=DEADLINE)
+                        await asyncio.wait({first}, timeout=0.05)
+                task = await producer.add_task("count", 2, timeout=DEADLINE)
+                seen: list[tuple[str, Any]] = []
+                async with asyncio.timeout(DEADLINE):
+                    async for event in stream:
+                        if event.id == task.id:
+                            seen.append((event.kind, event.value))
+                            if event.kind == "final":
+                                break
+            finally:
+                first.cancel()
+                await stream.aclose()
+        assert seen == [("status", None), ("partial", 0), ("partial", 1), ("final", None)]
+
     async def test_listen_star_sees_every_task(self, backend: Backend) -> None:
         listener, producer, worker_app = backend.app(), backend.app(), backend.app()
         events = Drain(await listener.subscribe("*"))
@@ -620,15 +649,19 @@ class BackendContract:
         assert "fail_mid_gen" in task.error.traceback
         assert after.returning == 4
 
-    async def test_max_time_exceeded_is_an_error(self, backend: Backend) -> None:
+    @pytest.mark.parametrize("name", ["too_slow", "too_slow_sync"])
+    async def test_max_time_exceeded_is_an_error(self, backend: Backend, name: str) -> None:
         producer, worker_app = backend.app(), backend.app()
         async with running_worker(worker_app):
-            slow = await producer.add_task("too_slow")
+            slow = await producer.add_task(name)
             fine = await producer.add_task("add", 1, 1, timeout=DEADLINE)
             await slow.wait(DEADLINE)
         assert fine.returning == 2
         assert slow.status is TaskStatus.ERROR
         assert slow.error is not None and slow.error.type == "TaskTimeLimitExceeded"
+        assert slow.started_at is not None and slow.finished_at is not None
+        # Ended at its limit, not when the function (30 s; 1 s in a thread) would have.
+        assert 0.19 <= slow.finished_at - slow.started_at < 0.9
 
     async def test_retries_restart_the_stream(self, backend: Backend) -> None:
         producer, worker_app = backend.app(), backend.app()
@@ -654,6 +687,9 @@ class BackendContract:
         assert task.status is TaskStatus.ERROR
         assert task.attempt == 3
         assert task.error is not None and task.error.message == "failure 3"
+        # Backoff 0.05 s then 0.1 s, each less at most 10 % jitter, before the third run.
+        assert task.created_at is not None and task.started_at is not None
+        assert task.started_at - task.created_at >= 0.9 * (0.05 + 0.1)
 
     async def test_unencodable_result_is_an_error(self, backend: Backend) -> None:
         producer, worker_app = backend.app(), backend.app()
@@ -750,16 +786,17 @@ class BackendContract:
             with pytest.raises(ConfigurationError):
                 await producer.add_task("add", 1, 2, priority=5)
             return
-        queue = "prio"
-        await producer.start()
-        await producer.broker.declare([queue])
-        low, low_body = task_message(queue, priority=1)
-        high, high_body = task_message(queue, priority=9)
-        await producer.broker.publish(low, low_body)
-        await producer.broker.publish(high, high_body)
+        highest = producer.broker.max_priority
+        if highest is not None:  # clamped in silence, it would reorder nothing
+            with pytest.raises(ConfigurationError, match=f"outside 0..{highest}"):
+                await producer.add_task("add", 1, 2, priority=highest + 1)
+        ids = {f"low-{uuid7()}": 1, f"high-{uuid7()}": 9}
+        for task_id, priority in ids.items():
+            task = await producer.add_task("add", 1, 2, priority=priority, task_id=task_id)
+            assert task.id == task_id
         consumer = backend.app()
         await consumer.start()
-        deliveries = Drain(consumer.broker.consume([queue], prefetch=1))
+        deliveries = Drain(consumer.broker.consume(["default"], prefetch=1))
         try:
             first = await deliveries.next()
             await first.ack()
@@ -767,7 +804,9 @@ class BackendContract:
             await second.ack()
         finally:
             await deliveries.close()
-        assert [first.body, second.body] == [high_body, low_body]
+        order = [decode_task(d.body) for d in (first, second)]
+        assert [(m.id.split("-")[0], m.priority) for m in order] == [("high", 9), ("low", 1)]
+        assert {m.id for m in order} == set(ids)
 
     # -- the broker contract directly ----------------------------------------------
 

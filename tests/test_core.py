@@ -18,6 +18,7 @@ from qtasks import (
     AsyncTaskExecutor,
     ConfigurationError,
     QueueTasks,
+    RetryPolicy,
     SyncTaskExecutor,
     TaskExecSchema,
     TaskStatus,
@@ -197,6 +198,27 @@ async def test_memory_results_expire_on_time_without_other_traffic() -> None:
             while await app.get(task.id) is not None:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)  # polling the store under test, bounded
     assert time.time() >= task.finished_at + ttl
+
+
+def test_the_core_imports_no_broker_library() -> None:
+    code = ("import sys, qtasks, qtasks.cli, qtasks.worker, qtasks.operator, qtasks.sync, "
+            "qtasks.demo, brokers.memory, results.memory\n"
+            "app = qtasks.QueueTasks()\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('aio_pika', 'aiormq', 'pamqp', 'nats')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_retry_backoff_doubles_up_to_its_cap_with_bounded_jitter() -> None:
+    policy = RetryPolicy(retries=5, backoff=1.0, backoff_max=5.0, jitter=0.1)
+    for attempt, base in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 5.0), (5, 5.0)]:
+        delays = [policy.delay(attempt) for _ in range(200)]
+        assert all(0.9 * base <= d <= base for d in delays), (attempt, min(delays))
+        assert max(delays) - min(delays) > 0.01 * base  # jittered, not all equal
+    assert RetryPolicy(jitter=0.0).delay(3) == 4.0
+    assert policy.should_retry(5, ValueError()) and not policy.should_retry(6, ValueError())
 
 
 def test_environment_configures_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
