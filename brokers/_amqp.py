@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import logging
 import math
 import os
@@ -57,6 +58,41 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:\-]+$")
 
+#: The URL query options that aio-pika 10 / aiormq 7 act on, each with a check of its
+#: value. They read the query themselves and ignore every other key, and aiormq turns an
+#: unparsable number into 0 (``heartbeat=3O`` would turn heartbeats off): so ``parse``
+#: refuses any other key and a bad value, and a typo such as ``queue_typ=quorum`` is an
+#: error instead of a deployment silently left on the defaults. Read from
+#: ``aiormq.connection.Connection.__init__`` and ``_credentials_class`` (TLS files,
+#: ``heartbeat``, ``auth``) and ``aio_pika.Connection``/``RobustConnection.PARAMETERS``.
+#: Not listed: ``timeout`` (aiormq 7 parses it and never uses it: ``connect_timeout`` is
+#: the option), ``name`` (an option of ours, see ``AmqpSettings.name``) and
+#: ``reconnect_interval`` (ours, handed on).
+CONNECTION_OPTIONS: dict[str, Callable[[str], object]] = {
+    "heartbeat": lambda v: _bounded_int(v, 0, 65535),
+    "auth": lambda v: _one_of(v.upper(), ("PLAIN", "EXTERNAL")),
+    "cafile": str, "capath": str, "cadata": str, "certfile": str, "keyfile": str,
+    # aiormq verifies the server only for "0": "false" would turn verification off.
+    "no_verify_ssl": lambda v: _one_of(v, ("0", "1")),
+    "interleave": lambda v: _bounded_int(v, 0, 1_000_000),
+    "happy_eyeballs_delay": float,
+    "fail_fast": lambda v: _one_of(v.lower(), ("0", "1", "true", "false", "yes", "no",
+                                               "on", "off")),
+}
+
+
+def _bounded_int(value: str, low: int, high: int) -> int:
+    number = int(value)
+    if not low <= number <= high:
+        raise ValueError(f"not between {low} and {high}")
+    return number
+
+
+def _one_of(value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"not one of {', '.join(allowed)}")
+    return value
+
 
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, AuthenticationError | PublishError):
@@ -76,8 +112,14 @@ class AmqpSettings:
     prefix: str = "qtasks"
     #: ``classic`` (priorities, one node) or ``quorum`` (replicated; no priorities on 3.10).
     queue_type: str = "classic"
-    #: ``x-max-priority`` of classic task queues; task priorities above it are clamped.
+    #: ``x-max-priority`` of classic task queues; the app refuses priorities above it.
     max_priority: int = 10
+    #: A worker's ``basic.qos``: how many task messages RabbitMQ hands it ahead of their
+    #: acks (Celery's prefetch count). 0: the ``prefetch`` of the ``consume`` call, which
+    #: the worker sets to its concurrency. The worker still runs at most that many at
+    #: once: a larger value keeps the rest waiting unacked in its buffer (fewer round
+    #: trips for short tasks), a smaller one caps how many tasks it runs at once.
+    prefetch: int = 0
     #: Deliveries of one task message before it is dead-lettered (a poison message that
     #: crashes every worker it reaches must end somewhere).
     delivery_limit: int = 10
@@ -95,6 +137,10 @@ class AmqpSettings:
     connect_timeout: float = 30.0
     #: Seconds between reconnection attempts of an established connection.
     reconnect_interval: float = 1.0
+    #: Leads the name each connection shows in ``rabbitmqctl list_connections`` and the
+    #: management UI (default ``qtasks``). aiormq's own ``name`` query option would be
+    #: overridden by that name, so it is an option of ours.
+    name: str = ""
     #: The URL handed to aio-pika (our options removed), and the same with no password.
     connection_url: str = ""
     display_url: str = ""
@@ -114,8 +160,11 @@ class AmqpSettings:
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
             if key in known:
                 ours[key] = value
+            elif key in CONNECTION_OPTIONS:
+                _check_connection_option(key, value)
+                passed.append((key, value))
             else:
-                passed.append((key, value))  # aio-pika's own: heartbeat, name, ssl ...
+                raise ConfigurationError(_unknown_query_option(key, known))
         ours.update(options)
         settings = cls()
         for f in fields(cls):
@@ -144,6 +193,9 @@ class AmqpSettings:
             raise ConfigurationError("max_priority must be between 0 and 255")
         if self.delivery_limit < 1 or self.ttl <= 0:
             raise ConfigurationError("delivery_limit and ttl must be positive")
+        if not 0 <= self.prefetch <= 65535:
+            raise ConfigurationError(
+                "prefetch must be between 1 and 65535 (0: the worker's concurrency)")
 
     # -- names: every one starts with the prefix -----------------------------------------
 
@@ -235,10 +287,11 @@ def delay_bucket_ms(delay: float, digits: int, up: bool) -> int:
 
 def connection_name(settings: AmqpSettings, role: str) -> str:
     """How the connection shows in ``rabbitmqctl list_connections`` and the management UI:
-    namespace, role, host, process and a token telling two connections of one process
-    apart."""
+    the ``name`` option (default ``qtasks``), namespace, role, host, process and a token
+    telling two connections of one process apart."""
     token = uuid.uuid4().hex[:6]
-    return f"qtasks {settings.prefix} {role} {socket.gethostname()}:{os.getpid()}:{token}"
+    return (f"{settings.name or 'qtasks'} {settings.prefix} {role} "
+            f"{socket.gethostname()}:{os.getpid()}:{token}")
 
 
 def _scrub(text: str, settings: AmqpSettings) -> str:
@@ -274,6 +327,24 @@ async def connect(settings: AmqpSettings, name: str) -> AbstractRobustConnection
             f"{settings.connect_timeout:g} s: {_scrub(str(exc), settings) or type(exc).__name__}"
         ) from None
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _check_connection_option(key: str, value: str) -> None:
+    try:
+        CONNECTION_OPTIONS[key](value)
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"RabbitMQ URL option {key}={value!r} is invalid: {exc}") from None
+
+
+def _unknown_query_option(key: str, known: set[str]) -> str:
+    """The error for a query key neither QTasks nor aio-pika reads, with the likely
+    intended one first: the list of every option is long."""
+    candidates = sorted(known | set(CONNECTION_OPTIONS))
+    close = difflib.get_close_matches(key, candidates, n=2)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    return (f"unknown RabbitMQ URL option {key!r}{hint}; QTasks options: {sorted(known)}; "
+            f"connection options (aio-pika): {sorted(CONNECTION_OPTIONS)}")
 
 
 async def _connect_once(settings: AmqpSettings, name: str) -> AbstractRobustConnection:

@@ -174,7 +174,8 @@ class RabbitMQDelivery(Delivery):
     """
 
     def __init__(self, broker: RabbitMQBroker, queue: str, message: DeliveredMessage,
-                 acks: _Acks, redelivered: bool, on_settled: Callable[[], None]) -> None:
+                 acks: _Acks, redelivered: bool, on_settled: Callable[[], None],
+                 received: float | None = None) -> None:
         self.body = message.body
         self.redelivered = redelivered
         self.queue = queue
@@ -184,7 +185,9 @@ class RabbitMQDelivery(Delivery):
         self._acks = acks
         self._broker = broker
         self._on_settled = on_settled
-        self._received = time.monotonic()
+        #: When RabbitMQ's ``consumer_timeout`` clock started: on arrival, which may be
+        #: well before the hand-out when ``prefetch`` buffers deliveries ahead.
+        self._received = time.monotonic() if received is None else received
         self._settled = False
         self._warned = False
 
@@ -227,14 +230,15 @@ class RabbitMQDelivery(Delivery):
     async def keep_alive(self) -> None:
         """RabbitMQ leases a delivery for as long as the channel lives, except that 3.10
         closes a channel holding a delivery longer than its ``consumer_timeout`` (which a
-        client cannot extend): say so before it happens, once."""
+        client cannot extend): say so before it happens, once. Counted from the arrival,
+        as the server counts, so time spent waiting in the ``prefetch`` buffer is in it."""
         held = time.monotonic() - self._received
         limit = self._broker.settings.consumer_timeout
         if not self._warned and not self._settled and held > 0.8 * limit:
             self._warned = True
             log.warning(
-                "task message %s has run %.1f s; RabbitMQ closes the channel at its "
-                "consumer_timeout (%.1f s) and hands the task to another worker: raise "
+                "task message %s has been held %.1f s unacked; RabbitMQ closes the channel "
+                "at its consumer_timeout (%.1f s) and hands the task to another worker: raise "
                 "consumer_timeout in rabbitmq.conf (see docs/rabbitmq.md)",
                 self.properties.message_id, held, limit)
 
@@ -276,7 +280,8 @@ class _Consumer:
         #: hand out ahead of the acks, as a Celery user means by prefetch), else the
         #: ``prefetch`` of this call (the worker's concurrency).
         self.prefetch = max(1, min(broker.settings.prefetch or prefetch, 65535))
-        self.inbox: asyncio.Queue[tuple[str, DeliveredMessage, _Acks] | None] = \
+        #: (queue, message, its channel's settlements, monotonic time of arrival).
+        self.inbox: asyncio.Queue[tuple[str, DeliveredMessage, _Acks, float] | None] = \
             asyncio.Queue()
         # The client-side bound on deliveries handed out and unsettled: never more than
         # this call's ``prefetch`` (the worker's concurrency relies on it), whatever
@@ -346,7 +351,7 @@ class _Consumer:
             if self.stopped:
                 await quietly(acks.settle(_tag(message), requeue=True))
                 return
-            self.inbox.put_nowait((name, message, acks))
+            self.inbox.put_nowait((name, message, acks, time.monotonic()))
 
         return receive
 
@@ -367,15 +372,15 @@ class _Consumer:
             item = await self.inbox.get()
             if item is None:
                 return None  # the broker was closed
-            name, message, acks = item
+            name, message, acks, received = item
             if acks.channel.is_closed:
                 continue  # its channel died: RabbitMQ has put it back already
-            delivery = await self._admit(name, message, acks)
+            delivery = await self._admit(name, message, acks, received)
             if delivery is not None:
                 return delivery
 
-    async def _admit(self, name: str, message: DeliveredMessage,
-                     acks: _Acks) -> RabbitMQDelivery | None:
+    async def _admit(self, name: str, message: DeliveredMessage, acks: _Acks,
+                     received: float) -> RabbitMQDelivery | None:
         """The delivery to hand out, or None when a redelivered classic-queue message was
         counted (re-published with its count) or is over ``delivery_limit``.
 
@@ -390,7 +395,7 @@ class _Consumer:
         redelivered = bool(message.redelivered)
         if settings.queue_type == "quorum" or not redelivered:
             return RabbitMQDelivery(self.broker, name, message, acks,
-                                    redelivered or count > 0, self._settled)
+                                    redelivered or count > 0, self._settled, received)
         internal = RabbitMQDelivery(self.broker, name, message, acks, True, lambda: None)
         if count + 1 >= settings.delivery_limit:
             log.error("dead-lettering task message %s: delivered %d times (delivery_limit)",
@@ -424,7 +429,7 @@ class _Consumer:
         while not self.inbox.empty():
             item = self.inbox.get_nowait()
             if item is not None:
-                _, message, acks = item
+                _, message, acks, _ = item
                 await quietly(acks.settle(_tag(message), requeue=True))
         if self.unsettled == 0:
             await self._close_channel()

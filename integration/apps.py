@@ -64,3 +64,28 @@ def sync_sleep(seconds: float) -> float:
 async def report(name: str) -> str:
     """On a second queue: run only by workers started with ``--queues ...,reports``."""
     return f"report {name} by {os.getpid()}"
+
+
+#: The marker (in ``QTASKS_TEST_DIR``) that lets ``gated_countdown`` go on; ``open_gate``.
+GATE = "gate-open"
+
+
+def open_gate(directory: Path) -> None:
+    """Let the ``gated_countdown`` of the workers writing to ``directory`` go on."""
+    partial = directory / f".{GATE}.tmp"
+    partial.write_text("open")
+    os.replace(partial, directory / GATE)
+
+
+@app.task
+async def gated_countdown(n: int):  # type: ignore[no-untyped-def]
+    """Yields n-1, waits for the ``GATE`` marker, then yields n-2 ... 0: what a test checks
+    between two yields (a listener has the first, the state is RUNNING) cannot race the
+    next one, however loaded the machine. Bounded: a gate never opened fails the task."""
+    gate = Path(os.environ["QTASKS_TEST_DIR"], GATE)
+    for i in reversed(range(n)):
+        yield i
+        if i == n - 1:
+            async with asyncio.timeout(120):
+                while not gate.exists():  # noqa: ASYNC110, ASYNC240
+                    await asyncio.sleep(0.02)  # another process: only a file to watch

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,40 @@ def queue_figure(queue: str, column: str = "messages") -> int:
         if fields and fields[0] == queue:
             return int(fields[1])
     raise AssertionError(f"no queue {queue!r}")
+
+
+def queue_arguments(queue: str) -> dict[str, str]:
+    """The ``x-`` arguments one queue was declared with, as ``rabbitmqctl list_queues``
+    shows them (values as text: ``{"x-max-age": "91s", ...}``): a passive declaration
+    cannot read them back."""
+    out = rabbitmqctl("list_queues", "name", "arguments", "--quiet", "--no-table-headers")
+    for line in out.splitlines():
+        name, _, arguments = line.partition("\t")
+        if name == queue:
+            return {key: value for key, _, value in
+                    re.findall(r'\{"([^"]+)",("?)([^"}]*)\2\}', arguments)}
+    raise AssertionError(f"no queue {queue!r}")
+
+
+def consumer_prefetch(queue: str) -> list[int]:
+    """The ``basic.qos`` prefetch count of each consumer of ``queue``, as the server
+    applies it (``rabbitmqctl list_consumers``)."""
+    out = rabbitmqctl("list_consumers", "queue_name", "prefetch_count", "--quiet",
+                      "--no-table-headers")
+    return [int(count) for name, count in (line.split("\t") for line in out.splitlines()
+                                           if "\t" in line) if name == queue]
+
+
+def connection_figure(name: str, column: str) -> str:
+    """One ``rabbitmqctl list_connections`` column (``timeout``: the negotiated heartbeat,
+    ``client_properties``, ...) of the connection whose name starts with ``name``."""
+    out = rabbitmqctl("list_connections", column, "client_properties", "--quiet",
+                      "--no-table-headers")
+    found = [line.split("\t")[0] for line in out.splitlines()
+             if f'{{"connection_name","{name}' in line]
+    if len(found) != 1:
+        raise AssertionError(f"expected one connection named {name!r}..., found {found}")
+    return found[0]
 
 
 async def delete_namespace(url: str, prefix: str) -> None:

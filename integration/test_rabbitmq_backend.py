@@ -21,9 +21,13 @@ from brokers.rabbitmq import RabbitMQBroker, RabbitMQDelivery
 from integration.rabbitmq_support import (
     Namespace,
     close_connection,
+    connection_figure,
+    consumer_prefetch,
     open_namespace,
+    queue_arguments,
     queue_figure,
     queues_of,
+    url_with,
 )
 from qtasks import (
     BrokerUnavailableError,
@@ -89,6 +93,121 @@ async def test_options_come_from_the_url_and_keywords() -> None:
     with pytest.raises(ConfigurationError, match="queue_type"):
         RabbitMQResultStore("amqp://h/?queue_type=mirrored")
     assert RabbitMQResultStore("amqp://h/?ttl=60").ttl == 60.0
+
+
+@pytest.mark.parametrize("query", ["queue_typ=quorum", "prefetchs=2", "timeout=5"])
+async def test_a_url_option_nobody_reads_is_refused_not_ignored(query: str) -> None:
+    """aio-pika ignores query keys it does not know: a typo would leave the defaults in
+    silence (``timeout`` too: aiormq 7 parses it and never uses it)."""
+    key = query.partition("=")[0]
+    for backend in (RabbitMQBroker, RabbitMQResultStore):
+        with pytest.raises(ConfigurationError) as raised:
+            backend(f"amqp://h/?prefix=app&{query}")
+        message = str(raised.value)
+        assert f"unknown RabbitMQ URL option {key!r}" in message
+        assert "'queue_type'" in message and "'heartbeat'" in message  # the known ones
+    with pytest.raises(ConfigurationError, match="did you mean 'queue_type'"):
+        QueueTasks(broker="amqp://h/?queue_typ=quorum", embedded_worker=False)
+
+
+@pytest.mark.parametrize("query", ["heartbeat=3O", "no_verify_ssl=false", "auth=plane"])
+async def test_a_connection_option_with_a_value_aiormq_would_misread_is_refused(
+        query: str) -> None:
+    """aiormq reads ``heartbeat=3O`` as 0 (heartbeats off) and any ``no_verify_ssl``
+    but "0" as "do not verify the server": refused instead."""
+    with pytest.raises(ConfigurationError, match=f"URL option {query.partition('=')[0]}="):
+        RabbitMQBroker(f"amqp://h/?{query}")
+
+
+async def test_connection_options_reach_the_connection(namespace: Namespace) -> None:
+    """``heartbeat`` goes to aio-pika (the server shows the negotiated value) and ``name``
+    leads the connection's name (aiormq's own use of it would be overridden)."""
+    broker = RabbitMQBroker(url_with(namespace.url, heartbeat=17, name="billing"))
+    try:
+        await broker.start()
+        assert broker.connection_name.startswith(f"billing {namespace.prefix} broker ")
+        heartbeat = await asyncio.to_thread(connection_figure, broker.connection_name,
+                                            "timeout")
+        assert heartbeat == "17"
+    finally:
+        await broker.close()
+
+
+async def test_the_prefetch_option_caps_what_rabbitmq_hands_a_worker(
+        namespace: Namespace) -> None:
+    """``?prefetch=2``: a consumer started with a larger prefetch (the worker's
+    concurrency, 5 here) has at most 2 unsettled deliveries, on the server's side."""
+    broker = RabbitMQBroker(url_with(namespace.url, prefetch=2))
+    queue = namespace.settings.work_queue("default")
+    try:
+        await broker.start()
+        bodies = await _published(broker, 5)
+        deliveries = Drain(broker.consume(["default"], prefetch=5))
+        first, second = await deliveries.next(), await deliveries.next()
+        assert await deliveries.nothing_within(0.5)
+        assert await asyncio.to_thread(consumer_prefetch, queue) == [2]
+        assert await asyncio.to_thread(queue_figure, queue, "messages_unacknowledged") == 2
+        assert await asyncio.to_thread(queue_figure, queue, "messages_ready") == 3
+        received = [first, second]
+        for _ in range(3):
+            await received[-2].ack()  # one settled: one more comes
+            received.append(await deliveries.next())
+        for delivery in received[-2:]:
+            await delivery.ack()
+        assert await deliveries.nothing_within(0.3)
+        await deliveries.close()
+    finally:
+        await broker.close()
+    assert [d.body for d in received] == bodies
+
+
+async def test_a_prefetch_above_the_concurrency_buffers_without_running_more(
+        namespace: Namespace) -> None:
+    """``prefetch=4`` with a consumer of prefetch 1 (concurrency 1): RabbitMQ hands 4
+    ahead (Celery's prefetch), the consumer still yields one unsettled delivery at a
+    time, and closing it gives the buffered ones back."""
+    broker = RabbitMQBroker(namespace.url, prefetch=4)
+    queue = namespace.settings.work_queue("default")
+    try:
+        await broker.start()
+        bodies = await _published(broker, 5)
+        deliveries = Drain(broker.consume(["default"], prefetch=1))
+        first = await deliveries.next()
+        async with asyncio.timeout(DEADLINE):
+            while await asyncio.to_thread(queue_figure, queue, "messages_unacknowledged") != 4:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # RabbitMQ has no event for it; bounded
+        assert await asyncio.to_thread(consumer_prefetch, queue) == [4]
+        assert await deliveries.nothing_within(0.5)  # one at a time all the same
+        await first.ack()
+        second = await deliveries.next()
+        assert await deliveries.nothing_within(0.3)
+        await second.ack()
+        await deliveries.close()
+        async with asyncio.timeout(DEADLINE):  # the 3 buffered ones went back
+            while await asyncio.to_thread(queue_figure, queue, "messages_ready") != 3:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # bounded, as above
+    finally:
+        await broker.close()
+    assert [first.body, second.body] == bodies[:2]
+
+
+async def test_the_result_stream_keeps_results_for_the_ttl(namespace: Namespace) -> None:
+    """``ttl`` is the stream's ``x-max-age`` (rounded up to whole seconds), and a store
+    with another ttl on the same prefix is refused, not silently given the old one."""
+    store = RabbitMQResultStore(namespace.url, ttl=90.5)
+    try:
+        await store.start()
+        arguments = await asyncio.to_thread(queue_arguments, namespace.settings.stream_queue)
+        assert arguments["x-max-age"] == "91s" and arguments["x-queue-type"] == "stream"
+    finally:
+        await store.close()
+    other = RabbitMQResultStore(namespace.url, ttl=3600)
+    try:
+        with pytest.raises(ConfigurationError, match="x-max-age") as raised:
+            await other.start()
+        assert repr(namespace.prefix) in str(raised.value)
+    finally:
+        await other.close()
 
 
 async def test_an_unreachable_broker_is_named_without_its_password() -> None:
@@ -345,8 +464,35 @@ async def test_keep_alive_warns_before_the_servers_consumer_timeout(
         with caplog.at_level(logging.WARNING, "qtasks.rabbitmq"):
             await delivery.keep_alive()
             await delivery.keep_alive()  # once
-        assert caplog.text.count("has run") == 1 and "consumer_timeout" in caplog.text
+        assert caplog.text.count("has been held") == 1 and "consumer_timeout" in caplog.text
         await delivery.ack()
+        await deliveries.close()
+    finally:
+        await broker.close()
+
+
+async def test_the_consumer_timeout_warning_counts_the_time_in_the_prefetch_buffer(
+        namespace: Namespace, caplog: pytest.LogCaptureFixture) -> None:
+    """RabbitMQ's ``consumer_timeout`` runs from the delivery, not from the hand-out: a
+    task that waited in the buffer (``prefetch`` above the concurrency) is warned about
+    as soon as it starts if it waited past 80 % of it."""
+    broker = RabbitMQBroker(namespace.url, prefetch=2, consumer_timeout=0.5)
+    queue = namespace.settings.work_queue("default")
+    try:
+        await broker.start()
+        await _published(broker, 2)
+        deliveries = Drain(broker.consume(["default"], prefetch=1))
+        first = await deliveries.next()
+        async with asyncio.timeout(DEADLINE):  # the second one has arrived, buffered
+            while await asyncio.to_thread(queue_figure, queue, "messages_unacknowledged") != 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # RabbitMQ has no event for it; bounded
+        await asyncio.sleep(0.5)  # the passing of time is what is tested here
+        await first.ack()
+        second = await deliveries.next()
+        with caplog.at_level(logging.WARNING, "qtasks.rabbitmq"):
+            await second.keep_alive()  # handed out just now, held for over 0.5 s
+        assert caplog.text.count("has been held") == 1
+        await second.ack()
         await deliveries.close()
     finally:
         await broker.close()

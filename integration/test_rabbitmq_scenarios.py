@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from brokers.rabbitmq import RabbitMQBroker
+from integration.apps import open_gate
 from integration.processes import WorkerProcess, workers
 from integration.rabbitmq_support import (
     Child,
@@ -54,18 +55,22 @@ async def test_two_worker_processes_share_the_load(namespace: Namespace) -> None
 
 async def test_partials_reach_a_listener_in_another_process_while_running(
         namespace: Namespace) -> None:
+    """A listener in another process has the first partial while the generator, in a CLI
+    worker process, still runs: it waits at a gate (a marker file) that this test opens
+    only after reading the state back, so that state is RUNNING whatever the load."""
     producer = namespace.app()
-    listener = await Child.start(namespace, "listen", "countdown")
+    listener = await Child.start(namespace, "listen", "gated_countdown")
     try:
         assert await listener.line() == "ready"
         with workers(namespace.env, count=1):
-            task = await producer.add_task("countdown", 3, pause=1.0)
+            task = await producer.add_task("gated_countdown", 3)
             events: list[Any] = []
             while not events or events[-1]["kind"] != "partial":
                 events.append(await listener.line())
-            # The listener has the first yield while the generator still sleeps after it.
+            # The listener has the first yield; the generator waits at the gate after it.
             state = await producer.get(task.id)
             assert state is not None and state.status is TaskStatus.RUNNING
+            open_gate(namespace.test_dir)
             while events[-1]["kind"] != "final":
                 events.append(await listener.line())
     finally:

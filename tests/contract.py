@@ -77,7 +77,8 @@ def register_contract_tasks(app: QueueTasks) -> None:
         return a + b
 
     @app.task(name="sync_add")
-    def sync_add(a: int, b: int) -> int:
+    def sync_add(a: int, b: int, pause: float = 0.0) -> int:
+        time.sleep(pause)  # blocking on purpose: must not stall the event loop
         return a + b
 
     @app.task(name="sync_gen", generate_handler=lambda v: v * 10)
@@ -377,6 +378,7 @@ class BackendContract:
         assert task.status is TaskStatus.SUCCESS
 
     async def test_sync_generator_does_not_stall_the_loop(self, backend: Backend) -> None:
+        """Neither a sync function nor a sync generator that block run on the loop."""
         producer, worker_app = backend.app(), backend.app()
         gaps: list[float] = []
         stop = asyncio.Event()
@@ -391,10 +393,13 @@ class BackendContract:
 
         async with running_worker(worker_app):
             ticking = asyncio.create_task(ticker())
+            plain = await producer.add_task("sync_add", 1, 2, pause=0.5)
             task = await producer.add_task("sync_gen", 4, pause=0.25, timeout=DEADLINE)
+            await plain.wait(DEADLINE)
             stop.set()
             await ticking
         assert task.returning == [0, 10, 20, 30]
+        assert plain.returning == 3
         # Each blocking sleep is 0.25 s; had it run on the loop, a gap would be >= 0.25 s.
         assert max(gaps) < 0.2, max(gaps)
 
