@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib
 import logging
 import re
 import ssl
@@ -45,6 +46,8 @@ OPTIONS = frozenset({
     "ttl", "expect_timeout", "max_expected",
 })
 _SECRET_OPTIONS = ("password", "token")
+#: The server's -ERR for credentials it does not accept (wrong, expired, revoked).
+_REFUSAL = re.compile(r"authori[sz]ation violation|authentication", re.IGNORECASE)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
 _SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
@@ -121,20 +124,84 @@ def number(options: dict[str, Any], key: str, default: float) -> float:
 
 
 def _connect_kwargs(options: dict[str, Any]) -> dict[str, Any]:
-    """The options that go to ``nats.connect``: credentials, NKeys, JWT creds, TLS."""
+    """The options that go to ``nats.connect``: credentials, NKeys, JWT creds, TLS.
+
+    Checked here, once, rather than left to nats-py: it reads a creds file only inside
+    its connect loop, which retries a missing file like a refused connection, and it
+    imports ``nkeys`` only when it connects. Either mistake then looked like an unreachable
+    server for ``connect_timeout`` seconds; here it is a ``ConfigurationError`` at once.
+    """
     kwargs: dict[str, Any] = {}
     for ours, theirs in (("user", "user"), ("password", "password"), ("token", "token"),
                          ("creds", "user_credentials"), ("nkeys_seed", "nkeys_seed"),
                          ("tls_hostname", "tls_hostname")):
         if options.get(ours):
             kwargs[theirs] = options[ours]
+    for key in ("creds", "nkeys_seed"):
+        if options.get(key):
+            _require_nkeys(key)
+            _readable(key, str(options[key]))
     if options.get("tls_ca") or options.get("tls_cert"):
-        context = ssl.create_default_context(cafile=options.get("tls_ca"))
-        if options.get("tls_cert"):
-            context.load_cert_chain(options["tls_cert"], options.get("tls_key"))
+        try:
+            context = ssl.create_default_context(cafile=options.get("tls_ca"))
+            if options.get("tls_cert"):
+                context.load_cert_chain(options["tls_cert"], options.get("tls_key"))
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigurationError(
+                f"NATS TLS options tls_ca/tls_cert/tls_key: {type(exc).__name__}: {exc}"
+            ) from None
         kwargs["tls"] = context
     kwargs.update(options.get("connect_options") or {})
     return kwargs
+
+
+def _require_nkeys(option: str) -> None:
+    try:
+        importlib.import_module("nkeys")  # what nats-py imports to sign with a seed
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"NATS option {option} needs the nkeys package, which is missing ({exc}): "
+            "pip install 'nats-py[nkeys]' (qtasks[nats] includes it)") from None
+
+
+def _readable(option: str, path: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigurationError(f"NATS option {option}: cannot read {path!r}: "
+                                 f"{exc.strerror or exc}") from None
+
+
+def requires_tls(servers: list[str], options: dict[str, Any]) -> bool:
+    """Whether the connection must be encrypted: a ``tls://`` server or any TLS option.
+
+    WebSocket URLs are left alone: ``wss://`` is TLS by its transport, ``ws://`` a
+    deliberate choice, and neither goes through the INFO-driven upgrade this guards."""
+    schemes = {urlsplit(server).scheme for server in servers}
+    if schemes and schemes <= {"ws", "wss"}:
+        return False
+    return "tls" in schemes or any(options.get(key) for key in (
+        "tls_ca", "tls_cert", "tls_key", "tls_hostname")) \
+        or "tls" in (options.get("connect_options") or {})
+
+
+def configuration_problem(exc: BaseException) -> str | None:
+    """What is wrong with the configuration, if ``exc`` (out of ``nats.connect``) says
+    so; ``None`` for what a retry may cure.
+
+    nats-py retries its own errors, ``OSError`` and timeouts inside ``connect``, so what
+    else escapes it (a missing ``nkeys`` module, an invalid seed, a keyword that
+    ``connect`` does not take) comes from the configuration and fails the same way on
+    every try: retrying it for ``connect_timeout`` only hid it behind "cannot connect"."""
+    if isinstance(exc, ConfigurationError):
+        return str(exc)
+    if isinstance(exc, (asyncio.TimeoutError, nats.errors.Error, OSError)):
+        return None
+    if isinstance(exc, ImportError):
+        return (f"{exc}: NKeys and JWT credentials (options creds, nkeys_seed) need "
+                "pip install 'nats-py[nkeys]'")
+    return f"{type(exc).__name__}: {exc}"
 
 
 TRANSIENT: tuple[type[BaseException], ...] = (
@@ -179,6 +246,8 @@ class Connection:
         self._js: JetStreamContext | None = None
         self._closing = False
         self.last_error: Exception | None = None
+        #: The server's refusal of our credentials during the current ``open``, if any.
+        self.refusal: Exception | None = None
         self._barrier: asyncio.Task[None] | None = None
         self.pubacks = PubAcks()
         #: Set once ``start`` has connected and declared; cleared by ``close``.
@@ -196,12 +265,22 @@ class Connection:
         return int(self.nc.max_payload)
 
     async def open(self) -> None:
-        """Connect, retrying for ``connect_timeout`` seconds, then reconnect forever."""
+        """Connect, retrying for ``connect_timeout`` seconds, then reconnect forever.
+
+        What no retry can cure (see ``configuration_problem``) is raised at once as a
+        ``ConfigurationError``. With a ``tls://`` URL or a TLS option, a server that
+        does not offer TLS is refused (see ``CoalescingClient.require_tls``), and the
+        connection made is checked to be encrypted, so a misconfigured server never
+        receives credentials or tasks in clear."""
         deadline = time.monotonic() + self.connect_timeout
         delay = 0.1
         self._closing = False
+        kwargs = _connect_kwargs(self.options)
+        require_tls = requires_tls(self.servers, self.options)
+        self.refusal = None
         while True:
             nc = CoalescingClient()
+            nc.require_tls = require_tls
             self.last_error = None
             try:
                 await asyncio.wait_for(nc.connect(
@@ -209,20 +288,33 @@ class Connection:
                     allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=1,
                     connect_timeout=2, error_cb=self._on_error,
                     disconnected_cb=self._on_disconnect, reconnected_cb=self._on_reconnect,
-                    closed_cb=self._on_closed, **_connect_kwargs(self.options),
+                    closed_cb=self._on_closed, **kwargs,
                 ), timeout=max(0.5, min(5.0, deadline - time.monotonic())))
                 break
             except Exception as exc:
                 await _close_quietly(nc)
+                problem = configuration_problem(exc)
+                if problem is not None:
+                    raise ConfigurationError(
+                        f"cannot connect to NATS at {redact(self.url)}: {problem}") from None
                 cause = self.last_error or exc  # nats-py retries inside connect: say why
                 if time.monotonic() + delay > deadline:
+                    # A refusal is what to fix, even if a reset of the refused connection
+                    # came after it.
+                    why = ("the server refused the credentials: " if self.refusal else "") + \
+                        f"{type(self.refusal or cause).__name__}: {self.refusal or cause}"
                     raise BrokerUnavailableError(
                         f"cannot connect to NATS at {redact(self.url)} within "
-                        f"{self.connect_timeout:g} s: {type(cause).__name__}: {cause}") from None
+                        f"{self.connect_timeout:g} s: {why}") from None
                 log.warning("NATS at %s not reachable (%s: %s); retrying", redact(self.url),
                             type(cause).__name__, cause)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+        if require_tls and not nc.uses_tls:  # CoalescingClient refuses first; make sure
+            await _close_quietly(nc)
+            raise ConfigurationError(
+                f"NATS at {redact(self.url)}: connected without TLS although TLS was asked "
+                "for (a tls:// URL or a tls_* option); refusing to use the connection")
         self.nc = nc
         self._js = nc.jetstream(timeout=5.0)
         self.pubacks = PubAcks()
@@ -364,6 +456,8 @@ class Connection:
                 listener(exc.sub)
             return
         self.last_error = exc
+        if _REFUSAL.search(str(exc)) or isinstance(exc, nats.errors.AuthorizationError):
+            self.refusal = exc
         # While reconnecting, each failed attempt reports here: routine, not a warning.
         level = logging.WARNING if self.nc.is_connected else logging.INFO
         log.log(level, "NATS %s error (%s): %s: %s", self.role, redact(self.url),

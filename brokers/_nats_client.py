@@ -1,8 +1,10 @@
-"""nats-py's client with two costs of the hot path taken out; see ``CoalescingClient``.
+"""nats-py's client with two costs of the hot path taken out, and TLS made a requirement
+rather than the server's choice; see ``CoalescingClient``.
 
-Both overrides work on nats-py's internal write buffer (``_pending``, ``_send_command``,
-``_flush_queue``) exactly as its own ``publish`` and flusher do. nats-py is pinned below 3
-for that reason, and every NATS test goes through them.
+The overrides work on nats-py's internals (the write buffer ``_pending``,
+``_send_command``, ``_flush_queue``; ``_process_info`` and ``_transport``) exactly as its
+own ``publish``, flusher and connect do. nats-py is pinned below 3 for that reason, and
+every NATS test goes through them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,14 @@ from typing import Any
 
 import nats.errors
 from nats.aio.client import Client
+
+from qtasks.errors import ConfigurationError
+
+
+class PlaintextServerError(nats.errors.Error):
+    """A server that does not offer TLS, met while reconnecting a client that requires
+    it. A ``nats.errors.Error``, so that nats-py treats it as one failed attempt and tries
+    the next server instead of ending its reconnect loop."""
 
 
 class CoalescingClient(Client):
@@ -23,7 +33,45 @@ class CoalescingClient(Client):
     that turn have added theirs. A worker thus made several small writes (syscalls) per
     task, 31 % of its time in profiles. Waiting one turn first lets every command of the
     turn go out in one write; a command waits at most that one turn.
+
+    ``require_tls``: nats-py upgrades a connection to TLS only when the server's INFO says
+    ``tls_required``, whatever the URL's scheme, so a ``tls://`` URL pointed at a plaintext
+    server (a typo'd port, a server whose TLS block was dropped) would send credentials
+    and every task in clear. With it set, a server that does not require TLS is refused
+    after its INFO, before CONNECT: at the first connect with ``ConfigurationError``
+    (raised through ``connect``, which retries only nats-py's own errors), later as a
+    failed reconnect attempt (``PlaintextServerError``).
     """
+
+    #: Refuse any server that does not require TLS (set before ``connect``).
+    require_tls = False
+    #: Set once ``connect`` has returned: refusals after that are reconnect attempts.
+    _connected_once = False
+
+    async def connect(self, *args: Any, **kwargs: Any) -> None:
+        await super().connect(*args, **kwargs)
+        self._connected_once = True
+
+    @property
+    def uses_tls(self) -> bool:
+        """Whether the current connection is encrypted (an SSL object on its transport)."""
+        writer = getattr(self._transport, "_io_writer", None)
+        return writer is not None and writer.get_extra_info("ssl_object") is not None
+
+    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
+        """Called with each server's first INFO, before the TLS upgrade and CONNECT."""
+        if (initial_connection and self.require_tls and not info.get("tls_required")
+                and not self.options.get("tls_handshake_first")):
+            server = self._current_server
+            where = f"{server.uri.hostname}:{server.uri.port}" if server else "the server"
+            problem = (f"NATS server {where} does not offer TLS, but TLS was asked for (a "
+                       "tls:// URL or a tls_* option): refusing to connect unencrypted")
+            if self._transport is not None:
+                self._transport.close()  # type: ignore[no-untyped-call]  # nothing in clear
+            if self._connected_once:
+                raise PlaintextServerError(problem)
+            raise ConfigurationError(problem)
+        await super()._process_info(info, initial_connection)
 
     async def publish_with_headers(self, subject: str, reply: str, payload: bytes,
                                    headers: dict[str, str]) -> None:

@@ -1,12 +1,14 @@
-"""Helpers for the tests against a real NATS server: namespace cleanup, server restart."""
+"""Helpers for the tests against a real NATS server: namespace cleanup, private servers
+(restartable), NKeys and JWTs, and the other process of the multi-process scenarios."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import os
 import queue
-import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +16,9 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
+import nacl.signing
 import nats
+import nkeys
 import orjson
 from nats.js.errors import NotFoundError
 
@@ -22,12 +26,6 @@ from brokers.nats import NatsBroker
 from integration.net import free_port
 from results.nats import NatsResultStore
 from tests.contract import Backend
-
-NATS_START = [
-    "start-stop-daemon", "--start", "--oknodo", "--background", "--exec",
-    "/usr/sbin/nats-server", "--", "-a", "127.0.0.1", "-p", "4222", "-js", "-sd",
-    "/var/lib/nats-server", "-l", "/var/log/nats-server.log",
-]
 
 
 async def delete_namespace(url: str, prefix: str) -> list[str]:
@@ -86,74 +84,128 @@ def answers(port: int = 4222) -> bool:
         return False
 
 
-def server_pids() -> list[int]:
-    """The shared server on 4222 only, not a test's private server (``private_server``)."""
-    found = subprocess.run(["pgrep", "-f", "nats-server -a 127.0.0.1 -p 4222"],
-                           capture_output=True, text=True, check=False)
-    return [int(pid) for pid in found.stdout.split()]
+class PrivateServer:
+    """A nats-server of a test's own: a free port, ``config`` (extra configuration-file
+    text: authorization, max_payload ...), JetStream stored in ``directory``. A test may
+    stop and start it again (``restart``) to see what a server restart does to clients;
+    the server on 4222 is shared with other tests and other people, and is never
+    restarted. JetStream data survives a restart, as on a real server. ``port``: another
+    server's, to stand in for it while that one is stopped."""
 
+    def __init__(self, directory: str, config: str = "", jetstream: bool = True,
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.conf = os.path.join(directory, "nats.conf")
+        with open(self.conf, "w") as out:
+            out.write(f'listen: "127.0.0.1:{self.port}"\n{config}\n')
+            if jetstream:
+                out.write(f'jetstream {{ store_dir: "{os.path.join(directory, "js")}" }}\n')
+        self.proc: subprocess.Popen[bytes] | None = None
 
-def stop_server(timeout: float = 20.0) -> None:
-    """SIGTERM the server and wait until it is gone (JetStream data stays on disk)."""
-    pids = server_pids()
-    for pid in pids:
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while any(_alive(pid) for pid in pids):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"nats-server {pids} did not stop within {timeout} s")
-        time.sleep(0.05)
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
 
+    def start(self, timeout: float = 20.0) -> None:
+        """Start it and wait until it answers on its port."""
+        proc = self.proc = subprocess.Popen(
+            ["/usr/sbin/nats-server", "-c", self.conf], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while not answers(self.port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"private nats-server did not start ({self.conf})")
+            time.sleep(0.05)
 
-def start_server(timeout: float = 30.0) -> None:
-    """Start the server if it is down and wait until it answers on 4222."""
-    subprocess.run(NATS_START, check=True, capture_output=True)
-    deadline = time.monotonic() + timeout
-    while not answers():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"nats-server did not answer on 4222 within {timeout} s")
-        time.sleep(0.05)
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM and wait until it is gone (JetStream data stays on disk)."""
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout)
+            self.proc = None
 
-
-async def restart_server() -> None:
-    """Stop the server and start it again; whatever happens, it runs and answers again
-    before this returns (other tests share it)."""
-    try:
-        await asyncio.to_thread(stop_server)
-    finally:
-        await asyncio.to_thread(start_server)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    async def restart(self) -> None:
+        """Stop it and start it again on the same port and store (in a thread: the test's
+        clients keep running on the event loop meanwhile)."""
+        try:
+            await asyncio.to_thread(self.stop)
+        finally:
+            await asyncio.to_thread(self.start)
 
 
 @contextlib.contextmanager
 def private_server(directory: str, config: str = "", jetstream: bool = True) -> Iterator[int]:
-    """A throw-away nats-server with JetStream on a free port (``config`` is extra
-    configuration-file text: authorization, max_payload ...); yields its port."""
-    port = free_port()
-    conf = os.path.join(directory, "nats.conf")
-    with open(conf, "w") as out:
-        out.write(f'listen: "127.0.0.1:{port}"\n{config}\n')
-        if jetstream:
-            out.write(f'jetstream {{ store_dir: "{os.path.join(directory, "js")}" }}\n')
-    proc = subprocess.Popen(["/usr/sbin/nats-server", "-c", conf], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    """A throw-away ``PrivateServer``, stopped afterwards; yields its port."""
+    with running_private_server(directory, config, jetstream) as server:
+        yield server.port
+
+
+@contextlib.contextmanager
+def running_private_server(directory: str, config: str = "",
+                           jetstream: bool = True) -> Iterator[PrivateServer]:
+    """A started ``PrivateServer``, stopped afterwards."""
+    server = PrivateServer(directory, config, jetstream)
+    server.start()
     try:
-        deadline = time.monotonic() + 20
-        while not answers(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"private nats-server did not start ({conf})")
-            time.sleep(0.05)
-        yield port
+        yield server
     finally:
-        proc.terminate()
-        proc.wait(20)
+        server.stop()
+
+
+# -- NKeys and JWTs, made here (no nsc on the machine) -------------------------------
+
+def nkey_pair(prefix_byte: int = nkeys.PREFIX_BYTE_USER) -> tuple[bytes, str]:
+    """A fresh NKey: (seed, public key), e.g. ``(b"SU...", "U...")`` for a user. The
+    ``nkeys`` package reads and signs with seeds but cannot make one: the seed is a
+    random Ed25519 key (PyNaCl) in the NKey encoding."""
+    seed = nkeys.encode_seed(bytes(nacl.signing.SigningKey.generate()), prefix_byte)
+    return seed, nkeys.from_seed(bytearray(seed)).public_key.decode()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _jwt(issuer_seed: bytes, subject: str, name: str, nats_claims: dict[str, object]) -> str:
+    """A NATS JWT (``ed25519-nkey``) for ``subject``, signed by ``issuer_seed``."""
+    issuer = nkeys.from_seed(bytearray(issuer_seed))
+    claims: dict[str, object] = {
+        "jti": "", "iat": int(time.time()), "iss": issuer.public_key.decode(), "name": name,
+        "sub": subject, "nats": {**nats_claims, "version": 2}}
+    digest = hashlib.sha512(orjson.dumps(claims)).digest()[:32]  # unique: all the server needs
+    claims["jti"] = base64.b32encode(digest).decode().rstrip("=")
+    signed = _b64(b'{"typ":"JWT","alg":"ed25519-nkey"}') + "." + _b64(orjson.dumps(claims))
+    return f"{signed}.{_b64(issuer.sign(signed.encode()))}"
+
+
+_UNLIMITED = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+              "wildcards": True, "conn": -1, "leaf": -1, "mem_storage": -1,
+              "disk_storage": -1, "streams": -1, "consumer": -1}
+
+
+def operator_mode(directory: str) -> tuple[str, str]:
+    """Server configuration for JWT authentication (an operator, a system account, an
+    account with JetStream, its JWTs preloaded in a memory resolver) and the path of a
+    ``.creds`` file, written in ``directory``, for a user of that account."""
+    operator_seed, operator = nkey_pair(nkeys.PREFIX_BYTE_OPERATOR)
+    _, system = nkey_pair(nkeys.PREFIX_BYTE_ACCOUNT)
+    account_seed, account = nkey_pair(nkeys.PREFIX_BYTE_ACCOUNT)
+    user_seed, user = nkey_pair(nkeys.PREFIX_BYTE_USER)
+    operator_jwt = _jwt(operator_seed, operator, "qtasks-op", {"type": "operator"})
+    system_jwt = _jwt(operator_seed, system, "SYS", {"type": "account"})
+    account_jwt = _jwt(operator_seed, account, "qtasks",
+                       {"type": "account", "limits": _UNLIMITED})  # with JetStream
+    config = (f'operator: "{operator_jwt}"\nsystem_account: {system}\nresolver: MEMORY\n'
+              f'resolver_preload: {{ {system}: "{system_jwt}", {account}: "{account_jwt}" }}\n')
+    user_jwt = _jwt(account_seed, user, "worker", {
+        "type": "user", "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1})
+    creds = os.path.join(directory, "worker.creds")
+    with open(creds, "w") as out:
+        out.write(f"-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n"
+                  f"-----BEGIN USER NKEY SEED-----\n{user_seed.decode()}\n"
+                  "------END USER NKEY SEED------\n")
+    return config, creds
 
 
 class Child:

@@ -1,22 +1,35 @@
-"""NATS-specific behaviour beyond the shared contract: options and names, credentials and
-redaction, the server's max_payload, max_deliver, fair pulling across queues."""
+"""NATS-specific behaviour beyond the shared contract: options and names, credentials
+(passwords, NKeys, JWT creds) and redaction, TLS required, several server URLs, the
+server's max_payload, max_deliver, fair pulling across queues, result TTLs, a final found
+only in the bucket, and a producer and listener that speak only NATS."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import nats
+import orjson
 import pytest
 
 from brokers._nats import parse_url, redact, token
 from brokers._nats_client import CoalescingClient
 from brokers.nats import NatsBroker
 from integration.conftest import require_tools
-from integration.nats_support import delete_namespace, open_backend, private_server
+from integration.nats_support import (
+    PrivateServer,
+    delete_namespace,
+    nkey_pair,
+    open_backend,
+    operator_mode,
+    private_server,
+)
+from integration.net import free_port
 from integration.tls_support import certificates
 from qtasks import (
     BrokerUnavailableError,
@@ -26,7 +39,7 @@ from qtasks import (
     TaskStatus,
     Worker,
 )
-from qtasks.protocol import TaskMessage, encode, uuid7
+from qtasks.protocol import ResultEvent, TaskMessage, decode_result, encode, uuid7
 from results.nats import NatsResultStore
 from tests.contract import (
     Drain,
@@ -110,6 +123,95 @@ async def test_credentials_pass_through_and_are_never_shown(tmp_path: Path) -> N
         assert "***" in str(raised.value)
 
 
+async def _echo_end_to_end(url: str, value: str) -> Any:
+    """One task through a worker, both connecting with ``url``: its returning value."""
+    app = QueueTasks(broker=url, results=url, embedded_worker=False)
+
+    @app.task
+    async def echo(x: str) -> str:
+        return x
+
+    try:
+        async with running_worker(app):
+            done = await echo.add_task(value, timeout=DEADLINE)
+    finally:
+        await app.close()
+    return done.returning
+
+
+async def test_an_nkey_user_runs_a_task_and_a_wrong_seed_is_refused(tmp_path: Path) -> None:
+    """``nkeys_seed`` signs the server's nonce (nats-py needs the ``nkeys`` package for
+    that: ``nats-py[nkeys]``); another user's seed is refused by the server, and a file
+    that is no seed at all is a ``ConfigurationError`` at once, not ``connect_timeout``
+    seconds of "cannot connect"."""
+    seed, public = nkey_pair()
+    (tmp_path / "user.nk").write_bytes(seed)
+    (tmp_path / "stranger.nk").write_bytes(nkey_pair()[0])
+    (tmp_path / "garbage.nk").write_text("SUNOTASEED\n")
+    with private_server(str(tmp_path), f'authorization {{ users = [ {{ nkey: "{public}" }} ] }}') \
+            as port:
+        base = f"nats://127.0.0.1:{port}"
+        assert await _echo_end_to_end(f"{base}?nkeys_seed={tmp_path / 'user.nk'}",
+                                      "signed") == "signed"
+        stranger = NatsBroker(f"{base}?connect_timeout=1&nkeys_seed={tmp_path / 'stranger.nk'}")
+        with pytest.raises(BrokerUnavailableError,
+                           match=r"refused the credentials.*Authorization Violation"):
+            await stranger.start()
+        for seed_file, why in (("garbage.nk", "ErrInvalidSeed"), ("missing.nk", "cannot read")):
+            broken = NatsBroker(f"{base}?connect_timeout=30&nkeys_seed={tmp_path / seed_file}")
+            async with asyncio.timeout(5):  # at once, not after connect_timeout
+                with pytest.raises(ConfigurationError, match=why):
+                    await broken.start()
+
+
+async def test_nkeys_without_the_nkeys_package_is_a_configuration_error_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a plain ``pip install nats-py`` left: nats-py imports ``nkeys`` inside
+    ``connect``; the ImportError must say what to install, at once."""
+    seed, public = nkey_pair()
+    (tmp_path / "user.nk").write_bytes(seed)
+    monkeypatch.setitem(sys.modules, "nkeys", None)  # ``import nkeys`` raises ImportError
+    with private_server(str(tmp_path), f'authorization {{ users = [ {{ nkey: "{public}" }} ] }}') \
+            as port:
+        for option in ("nkeys_seed", "creds"):
+            broker = NatsBroker(f"nats://127.0.0.1:{port}?{option}={tmp_path / 'user.nk'}")
+            async with asyncio.timeout(5):  # connect_timeout is 30
+                with pytest.raises(ConfigurationError, match=r"nats-py\[nkeys\]"):
+                    await broker.start()
+
+
+async def test_jwt_credentials_run_a_task(tmp_path: Path) -> None:
+    """A ``.creds`` file (user JWT and seed) against a server in operator mode, the
+    account's JWT preloaded in a memory resolver with JetStream enabled."""
+    config, creds = operator_mode(str(tmp_path))
+    with private_server(str(tmp_path), config) as port:
+        base = f"nats://127.0.0.1:{port}"
+        assert await _echo_end_to_end(f"{base}?creds={creds}", "with a jwt") == "with a jwt"
+        anonymous = NatsBroker(f"{base}?connect_timeout=1")
+        with pytest.raises(BrokerUnavailableError,
+                           match=r"refused the credentials.*Authorization Violation"):
+            await anonymous.start()
+
+
+async def test_tls_is_required_when_asked_for(tmp_path: Path) -> None:
+    """nats-py upgrades to TLS only when the server's INFO requires it: a ``tls://`` URL
+    or a TLS option pointed at a plaintext server must be refused, not used in clear."""
+    require_tools("openssl")
+    certs = await asyncio.to_thread(certificates, tmp_path)
+    with private_server(str(tmp_path)) as port:
+        for url in (f"tls://127.0.0.1:{port}", f"nats://127.0.0.1:{port}?tls_ca={certs.ca}",
+                    f"nats://127.0.0.1:{free_port()},tls://127.0.0.1:{port}"):
+            broker = NatsBroker(url)
+            async with asyncio.timeout(10):  # at once, not after connect_timeout (30 s)
+                with pytest.raises(ConfigurationError, match="does not offer TLS"):
+                    await broker.start()
+            assert not broker.conn.started
+        plain = NatsBroker(f"nats://127.0.0.1:{port}")  # no TLS asked for: fine
+        await plain.start()
+        assert not plain.conn.nc.uses_tls
+        await plain.close()
+
+
 async def test_a_server_without_jetstream_is_a_clear_error(tmp_path: Path) -> None:
     with private_server(str(tmp_path), jetstream=False) as port:
         broker = NatsBroker(f"nats://127.0.0.1:{port}?connect_timeout=1")
@@ -151,9 +253,60 @@ async def test_tls_with_a_private_ca(tmp_path: Path) -> None:
         finally:
             await app.close()
         assert done.returning == "over tls"
+        checked = NatsBroker(url)
+        await checked.start()
+        assert checked.conn.nc.uses_tls  # what test_tls_is_required_when_asked_for relies on
+        await checked.close()
         untrusted = NatsBroker(f"tls://127.0.0.1:{port}?connect_timeout=1")
         with pytest.raises(BrokerUnavailableError, match="CERTIFICATE_VERIFY_FAILED"):
             await untrusted.start()
+
+
+async def test_a_reconnect_to_a_plaintext_server_is_refused(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The TLS server goes away and a plaintext one takes its port: the client does not
+    reconnect to it (no CONNECT, no credentials, no task in clear); it comes back once
+    the TLS server does."""
+    require_tools("openssl")
+    certs = await asyncio.to_thread(certificates, tmp_path)
+    (tmp_path / "tls").mkdir()
+    (tmp_path / "plain").mkdir()
+    secure = PrivateServer(
+        str(tmp_path / "tls"), f'tls {{ cert_file: "{certs.server_cert}", '
+        f'key_file: "{certs.server_key}" }}')
+    plain = PrivateServer(str(tmp_path / "plain"), port=secure.port)
+    refused, back = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    class Refusals(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "does not offer TLS" in record.getMessage():
+                loop.call_soon_threadsafe(refused.set)
+
+    handler = Refusals()
+    caplog.set_level(logging.INFO, logger="qtasks.nats")  # failed reconnects log at INFO
+    logging.getLogger("qtasks.nats").addHandler(handler)
+    broker = NatsBroker(f"tls://127.0.0.1:{secure.port}?tls_ca={certs.ca}")
+    await asyncio.to_thread(secure.start)
+    try:
+        await broker.start()
+        broker.conn.reconnect_listeners.append(back.set)
+        await asyncio.to_thread(secure.stop)
+        await asyncio.to_thread(plain.start)
+        async with asyncio.timeout(DEADLINE):
+            await refused.wait()
+        assert not broker.conn.nc.is_connected and not back.is_set()
+        await asyncio.to_thread(plain.stop)
+        await asyncio.to_thread(secure.start)
+        async with asyncio.timeout(DEADLINE):
+            await back.wait()
+        assert broker.conn.nc.uses_tls
+        await broker.publish(*task())  # and it works
+    finally:
+        logging.getLogger("qtasks.nats").removeHandler(handler)
+        await broker.close()
+        await asyncio.to_thread(plain.stop)
+        await asyncio.to_thread(secure.stop)
 
 
 async def test_max_payload_is_enforced_without_losing_the_connection(tmp_path: Path) -> None:
@@ -393,3 +546,145 @@ async def test_headers_written_by_the_fast_publish_arrive_as_nats_py_would_send_
     assert "\n" not in second.headers["Nats-Msg-Id"]
     assert (third.data, third.headers) == (b"three", {"Nats-Msg-Id": "tâche-ü:1"})
     assert fourth.data == b"four"
+
+
+async def test_a_final_only_in_the_bucket_ends_a_late_readers_wait(
+        nats_url: str, prefix: str) -> None:
+    """A final put in the bucket whose publish on the stream never reached the server (a
+    core publish, proven only by the worker's PING): a reader in another process, which
+    replays the stream, ends with the bucket's final instead of waiting for its timeout,
+    whether the stream holds nothing of the task or some of its events."""
+    async with open_backend(nats_url, prefix) as backend:
+        writer, reader = backend.app(), backend.app()
+        await writer.start()
+        await reader.start()
+        store = writer.results_store
+        assert isinstance(store, NatsResultStore)
+        js = store.conn.js
+        now = time.time()
+
+        async def final_in_the_bucket(task_id: str, returning: Any) -> None:
+            final = ResultEvent(kind="final", id=task_id, task="count", status="success",
+                                returning=returning, ts=now, started_at=now,
+                                finished_at=now, partials=2)
+            await js.publish(store.key_subject(task_id), encode(final))
+
+        silent = uuid7()  # nothing of it in the stream
+        await final_in_the_bucket(silent, [])
+        done = await reader.task_handle(silent).wait(DEADLINE / 2)
+        assert (done.status, done.returning) == (TaskStatus.SUCCESS, [])
+
+        halfway = uuid7()  # its status and partials in the stream, its final not
+        subject = store.subject("count", halfway)
+        await js.publish(subject, encode(ResultEvent(
+            kind="status", id=halfway, task="count", status="running", ts=now, started_at=now)))
+        for seq in (0, 1):
+            await js.publish(subject, encode(ResultEvent(
+                kind="partial", id=halfway, task="count", seq=seq, value=10 + seq, ts=now)))
+        await final_in_the_bucket(halfway, [10, 11])
+        handle = reader.task_handle(halfway)
+        async with asyncio.timeout(DEADLINE / 2):
+            streamed = [value async for value in handle.stream()]
+        assert streamed == [10, 11]
+        assert (handle.status, handle.returning) == (TaskStatus.SUCCESS, [10, 11])
+
+
+async def test_results_live_as_long_as_the_ttl_says(nats_url: str, prefix: str) -> None:
+    """``ttl`` is the results stream's and the bucket's ``max_age``, also when a store
+    with another ``ttl`` finds them already made."""
+    try:
+        for ttl in (123.0, 456.0):
+            store = NatsResultStore(f"{nats_url}?prefix={prefix}&ttl={ttl:g}")
+            await store.start()
+            try:
+                js = store.conn.js
+                stream = await js.stream_info(store.stream)
+                bucket = await js.stream_info(f"KV_{store.bucket}")
+                status = await (await js.key_value(store.bucket)).status()
+            finally:
+                await store.close()
+            assert stream.config.max_age == ttl
+            assert bucket.config.max_age == ttl
+            assert status.ttl == ttl
+    finally:
+        await delete_namespace(nats_url, prefix)
+
+
+async def test_a_dead_server_first_in_the_url_is_passed_over(
+        nats_url: str, prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Several URLs are one cluster: with the first unreachable, broker and result store
+    connect to the second and a task runs end to end. (nats-py shuffles the servers;
+    ``dont_randomize`` makes sure the dead one is tried, and first.)"""
+    caplog.set_level(logging.INFO, logger="qtasks.nats")
+    dead = free_port()
+    url = f"nats://127.0.0.1:{dead},{nats_url}?prefix={prefix}"
+    in_order = {"connect_options": {"dont_randomize": True}}
+    app = QueueTasks(broker=NatsBroker(url, **in_order),
+                     results=NatsResultStore(url, **in_order), embedded_worker=False)
+
+    @app.task
+    async def triple(x: int) -> int:
+        return 3 * x
+
+    try:
+        async with running_worker(app):
+            done = await triple.add_task(7, timeout=DEADLINE)
+        broker, store = app.broker, app.results_store
+        assert isinstance(broker, NatsBroker) and isinstance(store, NatsResultStore)
+        live = int(nats_url.rsplit(":", 1)[1])
+        assert broker.conn.nc.connected_url.port == store.conn.nc.connected_url.port == live
+    finally:
+        await app.close()
+        await delete_namespace(nats_url, prefix)
+    assert done.returning == 21
+    refused = [r for r in caplog.records if "ConnectionRefusedError" in r.getMessage()]
+    assert len(refused) >= 2, caplog.text  # both connections tried the dead server first
+
+
+async def test_a_producer_and_a_listener_that_speak_only_nats(
+        nats_url: str, prefix: str) -> None:
+    """Nothing but the names and headers in docs/nats.md and the JSON of
+    docs/protocol.md: a foreign producer enqueues a task with a JetStream publish, a
+    foreign listener follows its events on the documented subjects, and a KV get reads
+    its final."""
+    task_id = "ext-1"
+    async with open_backend(nats_url, prefix) as backend:
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            by_name = await nc.subscribe(f"{prefix}.results.*.count.*")
+            by_id = await nc.subscribe(f"{prefix}.results.*.*.{task_id}")
+            await nc.flush()
+            async with running_worker(backend.app()):  # it creates the streams, consumer
+                body = orjson.dumps({"v": 1, "kind": "task", "id": task_id, "task": "count",
+                                     "args": [3], "queue": "default"})  # as in the docs
+                headers = {"Nats-Msg-Id": f"{task_id}:1"}
+                ack = await js.publish(f"{prefix}.tasks.default", body, headers=headers)
+                again = await js.publish(f"{prefix}.tasks.default", body, headers=headers)
+                assert (ack.stream, again.duplicate) == (f"{prefix}_TASKS", True)
+                heard = [await _events_until_final(sub) for sub in (by_name, by_id)]
+            entry = await (await js.key_value(f"{prefix}_status")).get(task_id)
+        finally:
+            await nc.close()
+    for subjects, events in heard:
+        assert subjects == {f"{prefix}.results._.count.{task_id}"}  # no reply_to: "_"
+        assert [e["kind"] for e in events] == ["status", "partial", "partial", "partial",
+                                              "final"]
+        assert [e["value"] for e in events if e["kind"] == "partial"] == [0, 1, 2]
+        assert events[-1]["returning"] == [0, 1, 2]
+    assert entry.value is not None
+    stored = decode_result(entry.value)
+    assert (stored.kind, stored.status, stored.returning) == ("final", "success", [0, 1, 2])
+
+
+async def _events_until_final(sub: Any) -> tuple[set[str], list[dict[str, Any]]]:
+    """What a foreign listener reads on one subscription: subjects, and events (a
+    ``batch`` is its events one after the other) up to the final."""
+    subjects: set[str] = set()
+    events: list[dict[str, Any]] = []
+    while not events or events[-1]["kind"] != "final":
+        msg = await sub.next_msg(timeout=DEADLINE)
+        subjects.add(msg.subject)
+        data = orjson.loads(msg.data)
+        events += data["events"] if data["kind"] == "batch" else [data]
+    return subjects, events

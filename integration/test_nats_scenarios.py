@@ -1,6 +1,8 @@
 """Multi-process scenarios on a real NATS JetStream server with CLI worker processes.
 
 Each test has its own prefix, so its own streams, consumers and bucket, deleted at the end.
+The server-restart scenarios run on a private server of their own (``restartable``): the
+server on 4222 is shared and never restarted by a test.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import nats
 import pytest
 
-from integration.nats_support import Child, delete_namespace, restart_server
+from integration.nats_support import Child, PrivateServer, delete_namespace
 from integration.processes import workers
 from qtasks import QueueTasks, Task, TaskStatus
 
@@ -42,6 +45,35 @@ async def producer(url: str, nats_url: str, prefix: str) -> AsyncIterator[QueueT
     await delete_namespace(nats_url, prefix)
 
 
+@dataclass
+class Restartable:
+    """A private server, the worker environment for it and a producer on it."""
+
+    server: PrivateServer
+    env: dict[str, str]
+    producer: QueueTasks
+
+
+@pytest.fixture
+async def restartable(env: dict[str, str], prefix: str,
+                      tmp_path: Path) -> AsyncIterator[Restartable]:
+    store = tmp_path / "nats"
+    store.mkdir()
+    server = PrivateServer(str(store))
+    await asyncio.to_thread(server.start)
+    try:
+        url = f"{server.url}?prefix={prefix}"
+        app = QueueTasks(broker=url, results=url, embedded_worker=False)
+        try:
+            await app.start()
+            yield Restartable(server, {**env, "QTASKS_BROKER_URL": url,
+                                       "QTASKS_RESULTS_URL": url}, app)
+        finally:
+            await app.close()
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
 @pytest.fixture
 def child(env: dict[str, str]) -> Iterator[list[Child]]:
     started: list[Child] = []
@@ -63,13 +95,15 @@ async def test_partials_reach_a_listener_in_another_process_while_running(
         producer: QueueTasks, env: dict[str, str], child: list[Child]) -> None:
     listener = Child(env, "listen", "countdown")
     child.append(listener)
-    assert listener.line() == "READY"
+    # The child's lines come through a blocking queue: read them in a thread, so that the
+    # event loop (the producer's connection, its PINGs) goes on meanwhile.
+    assert await asyncio.to_thread(listener.line) == "READY"
     with workers(env, count=1):
         task = await producer.add_task("countdown", 3, pause=0.5)
-        first = listener.json()
+        first = await asyncio.to_thread(listener.json)
         events = [first]
         while events[-1]["kind"] != "final":
-            events.append(listener.json())
+            events.append(await asyncio.to_thread(listener.json))
         await task.wait(DEADLINE)
     partials = [e for e in events if e["kind"] == "partial"]
     assert [p["value"] for p in partials] == [2, 1, 0]
@@ -85,10 +119,10 @@ async def test_read_back_by_id_from_another_process(
         task = await producer.add_task("countdown", 4, timeout=DEADLINE)
     reader = Child(env, "read", task.id)
     child.append(reader)
-    got = reader.json()
+    got = await asyncio.to_thread(reader.json)
     assert got["get"] == {"status": "success", "name": "countdown",
                           "returning": [3, 2, 1, 0], "worker": task.worker}
-    watched = reader.json()
+    watched = await asyncio.to_thread(reader.json)
     assert watched == {"stream": [3, 2, 1, 0], "status": "success", "returning": [3, 2, 1, 0]}
 
 
@@ -142,7 +176,8 @@ async def test_kill_9_mid_task_and_the_task_completes_on_the_other_worker(
 
 @pytest.mark.slow
 async def test_server_restart_mid_load_loses_no_acknowledged_task(
-        producer: QueueTasks, env: dict[str, str]) -> None:
+        restartable: Restartable) -> None:
+    producer, env = restartable.producer, restartable.env
     acknowledged: list[tuple[int, Task]] = []
     stop = asyncio.Event()
 
@@ -161,7 +196,7 @@ async def test_server_restart_mid_load_loses_no_acknowledged_task(
             async with asyncio.timeout(DEADLINE):
                 while len(acknowledged) < 100:  # noqa: ASYNC110 - progress check, bounded
                     await asyncio.sleep(0.01)
-            await restart_server()
+            await restartable.server.restart()
             before = len(acknowledged)
             async with asyncio.timeout(DEADLINE):
                 while len(acknowledged) < before + 100:  # noqa: ASYNC110 - bounded
@@ -179,16 +214,17 @@ async def test_server_restart_mid_load_loses_no_acknowledged_task(
 
 
 async def test_server_restart_mid_stream_loses_no_partial(
-        producer: QueueTasks, env: dict[str, str]) -> None:
+        restartable: Restartable) -> None:
     """Partials sent around a server restart are published again (with PubAcks) before
     any later one, so the submitter's stream has every value once, in order."""
+    producer, env = restartable.producer, restartable.env
     count = 300
     with workers(env, count=1) as procs:
         task = await producer.add_task("countdown", count, 0.01)
         values = task.stream()
         async with asyncio.timeout(DEADLINE):
             received = [await anext(values) for _ in range(20)]
-        await restart_server()
+        await restartable.server.restart()
         back = time.time()
         async with asyncio.timeout(DEADLINE):
             received += [v async for v in values]

@@ -22,7 +22,8 @@ them was sent, they are all published again, in order, each with its PubAck awai
 The final goes to the bucket first, then to the stream: whoever saw the final in the
 stream (``wait``) finds it with ``get``. A worker that dies between the two leaves the
 task unacked; its redelivery finds the final in the bucket and publishes it again (a
-duplicate at worst), then acks.
+duplicate at worst), then acks. Until then, a late reader (``watch`` replaying the stream)
+that finds no final in the stream takes the bucket's (``_replay``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
 from nats.js.kv import KeyValue
 
@@ -141,14 +143,18 @@ class _Inbox:
                     return
                 self.waiter = asyncio.get_running_loop().create_future()
                 await self.waiter
-            msg = self.items.popleft()
-            try:
-                events = decode_results(msg.data)
-            except MessageDecodeError as exc:
-                log.warning("skipping an undecodable result on %s: %s", msg.subject, exc)
-                continue
-            for event in events:
+            for event in _decode(self.items.popleft()):
                 yield event
+
+    async def messages(self) -> AsyncIterator[Msg]:
+        """The raw messages until broken (or forever), for a reader of their metadata."""
+        while True:
+            while not self.items:
+                if self.broken:
+                    return
+                self.waiter = asyncio.get_running_loop().create_future()
+                await self.waiter
+            yield self.items.popleft()
 
     async def close(self) -> None:
         if self.sub is not None:
@@ -479,7 +485,16 @@ class NatsResultStore(ResultStore):
 
     async def _replay(self, task_id: str) -> AsyncIterator[ResultEvent]:
         """Every stored event of the task, then live ones: an ordered consumer (nats-py
-        recreates it after a gap or a missed heartbeat) filtered on the task's subject."""
+        recreates it after a gap or a missed heartbeat) filtered on the task's subject.
+
+        The bucket is the fallback for a final the stream lacks. A worker puts the final
+        in the bucket (PubAck awaited), then core-publishes it on the stream; if it dies
+        or loses its connection in between, only the bucket has it until the task's
+        redelivery publishes it again, which may be long (``ack_wait``) or never (no
+        worker left). So when the bucket already holds the task's final as the replay
+        starts, that final ends the replay once every stored event has been read
+        (``num_pending`` 0) without a final among them. It is dropped, as a reader drops
+        any older event, if the stream showed a newer attempt."""
         created = uuid7_time(task_id)
         config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
         if created is not None:
@@ -492,16 +507,71 @@ class NatsResultStore(ResultStore):
             self.task_subjects(task_id), stream=self.stream, cb=inbox.put,
             ordered_consumer=True, idle_heartbeat=2.0, config=config))
         try:
-            async for event in inbox.events():
-                yield event
+            # Read after subscribing: a final the bucket lacks now reaches the stream
+            # later (the bucket is written first), where this consumer will see it.
+            stored = await self._stored_final(task_id)
+            if stored is not None and await _nothing_stored(inbox.sub):
+                yield stored
+                return
+            newest_attempt = 0
+            async for msg in inbox.messages():
+                for event in _decode(msg):
+                    newest_attempt = max(newest_attempt, event.attempt)
+                    yield event  # a final ends the watch: the bucket's is not needed
+                if stored is not None and _caught_up(msg):
+                    if stored.attempt >= newest_attempt:
+                        yield stored
+                        return
+                    stored = None  # a newer attempt runs: its own final will come
         finally:
             await inbox.close()
+
+    async def _stored_final(self, task_id: str) -> ResultEvent | None:
+        """The task's final if the bucket holds one (best effort: on a failure the
+        replay just follows the stream, as it did before there was a fallback)."""
+        try:
+            event = await self.get(task_id)
+        except Exception as exc:
+            log.debug("replay of %s: cannot read the bucket (%s: %s)", task_id,
+                      type(exc).__name__, exc)
+            return None
+        return event if event is not None and event.is_final else None
 
     async def listen(self, task_name: str) -> AsyncIterator[ResultEvent]:
         name = "*" if task_name == "*" else token(task_name)
         inbox = _Inbox(drop_oldest=True)
         inbox.sub = await self.conn.subscribe(f"{self.prefix}.results.*.{name}.*", inbox.put)
         return _listening(inbox)
+
+
+def _decode(msg: Msg) -> list[ResultEvent]:
+    try:
+        return decode_results(msg.data)
+    except MessageDecodeError as exc:
+        log.warning("skipping an undecodable result on %s: %s", msg.subject, exc)
+        return []
+
+
+def _caught_up(msg: Msg) -> bool:
+    """Whether ``msg`` was the last stored message of its consumer when delivered."""
+    try:
+        return msg.metadata.num_pending == 0
+    except Exception:  # not a JetStream delivery: no metadata to tell
+        return False
+
+
+async def _nothing_stored(sub: Subscription | None) -> bool:
+    """Whether the replay's consumer had nothing to deliver: nothing delivered and nothing
+    pending. (Something stored is seen by ``_caught_up`` on its last message instead.)"""
+    if not isinstance(sub, JetStreamContext.PushSubscription):
+        return False
+    try:
+        info = await sub.consumer_info()
+    except Exception as exc:
+        log.debug("replay: consumer info failed (%s: %s)", type(exc).__name__, exc)
+        return False
+    delivered = info.delivered.consumer_seq if info.delivered is not None else 0
+    return bool(info.num_pending == 0 and not delivered)
 
 
 async def _listening(inbox: _Inbox) -> AsyncIterator[ResultEvent]:
