@@ -90,6 +90,17 @@ class ResultHub:
             self.done.pop(task_id, None)
             self.unread.pop(task_id, None)
 
+    def schedule(self, expires: float, task_id: str) -> None:
+        """Expire ``task_id`` at ``expires``. Entries of tasks already dropped for the
+        count stay in the heap until their time: when they outnumber the kept tasks, the
+        heap is rebuilt without them, so it stays bounded with the tasks (it grew by
+        200 bytes per task for the whole TTL, 40 MB per 200,000 tasks)."""
+        heapq.heappush(self.expiry, (expires, task_id))
+        if len(self.expiry) > 2 * (len(self.done) + len(self.unread)) + 1024:
+            self.expiry = [entry for entry in self.expiry
+                           if entry[1] in self.done or entry[1] in self.unread]
+            heapq.heapify(self.expiry)
+
 
 _HUBS: dict[str, ResultHub] = {}
 
@@ -139,12 +150,12 @@ class MemoryResultStore(ResultStore):
             expires = now + self.ttl
             if event.expires_at is not None:
                 expires = min(expires, event.expires_at)
-            heapq.heappush(hub.expiry, (expires, event.id))
             hub.expire(now)
             if log.awaited:
                 hub.hold(event.id)
             else:
                 hub.release(event.id, self.max_tasks)
+            hub.schedule(expires, event.id)
         log.changed.set()
         log.changed = asyncio.Event()
         for name in (event.task, "*"):

@@ -317,6 +317,11 @@ async def test_memory_store_keeps_at_most_max_tasks_finished_tasks() -> None:
         await store.publish(final, encode(final))
     assert [await store.get(task_id) is not None for task_id in ids] == \
         [False, False, True, True, True]
+    # What it keeps to expire them on time is bounded too (it grew for the whole TTL).
+    for i in range(5_000):
+        final = ResultEvent(kind="final", id=f"u{i}", task="t", status="success")
+        await store.publish(final, encode(final))
+    assert len(store.hub.logs) == 3 and len(store.hub.expiry) <= 2 * 3 + 1024 + 1
     with pytest.raises(ConfigurationError, match="max_tasks"):
         MemoryResultStore("memory://?max_tasks=0")
 
