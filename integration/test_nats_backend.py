@@ -241,18 +241,7 @@ async def test_tls_with_a_private_ca(tmp_path: Path) -> None:
     with private_server(str(tmp_path), f'tls {{ cert_file: "{cert}", key_file: "{key}" }}') \
             as port:
         url = f"tls://127.0.0.1:{port}?tls_ca={ca}"
-        app = QueueTasks(broker=url, results=url, embedded_worker=False)
-
-        @app.task
-        async def echo(x: str) -> str:
-            return x
-
-        try:
-            async with running_worker(app):
-                done = await echo.add_task("over tls", timeout=DEADLINE)
-        finally:
-            await app.close()
-        assert done.returning == "over tls"
+        assert await _echo_end_to_end(url, "over tls") == "over tls"
         checked = NatsBroker(url)
         await checked.start()
         assert checked.conn.nc.uses_tls  # what test_tls_is_required_when_asked_for relies on

@@ -135,26 +135,25 @@ class _Inbox:
         self.items.clear()
         self.wake()
 
+    async def next_message(self) -> Msg | None:
+        """The next message, waiting for one; None once broken."""
+        while not self.items:
+            if self.broken:
+                return None
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        return self.items.popleft()
+
     async def events(self) -> AsyncIterator[ResultEvent]:
         """Decoded events until broken (or forever)."""
-        while True:
-            while not self.items:
-                if self.broken:
-                    return
-                self.waiter = asyncio.get_running_loop().create_future()
-                await self.waiter
-            for event in _decode(self.items.popleft()):
+        while (msg := await self.next_message()) is not None:
+            for event in _decode(msg):
                 yield event
 
     async def messages(self) -> AsyncIterator[Msg]:
         """The raw messages until broken (or forever), for a reader of their metadata."""
-        while True:
-            while not self.items:
-                if self.broken:
-                    return
-                self.waiter = asyncio.get_running_loop().create_future()
-                await self.waiter
-            yield self.items.popleft()
+        while (msg := await self.next_message()) is not None:
+            yield msg
 
     async def close(self) -> None:
         if self.sub is not None:
