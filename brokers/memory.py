@@ -16,12 +16,29 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
+from qtasks.errors import ConfigurationError
 from qtasks.interfaces import Broker, DeadLetter, Delivery, QueueStats
 from qtasks.protocol import TaskMessage
 
 T = TypeVar("T")
+
+
+#: What a ``memory://`` URL may set. One URL commonly serves both the broker and the
+#: result store, so each accepts the other's options; anything else is a typo.
+OPTIONS = ("max_tasks", "ttl")
+
+
+def memory_options(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The URL's query merged with keyword ``options`` (which win), refusing unknown
+    names rather than ignoring them."""
+    merged: dict[str, Any] = {**dict(parse_qsl(urlsplit(url).query)), **options}
+    unknown = sorted(set(merged) - set(OPTIONS))
+    if unknown:
+        raise ConfigurationError(f"unknown memory:// option(s) {', '.join(unknown)}; "
+                                 f"known: {', '.join(OPTIONS)}")
+    return merged
 
 
 @dataclass(order=True, slots=True)
@@ -150,7 +167,8 @@ class MemoryBroker(Broker):
 
     embedded = True
 
-    def __init__(self, url: str = "memory://", **_options: Any) -> None:
+    def __init__(self, url: str = "memory://", **options: Any) -> None:
+        memory_options(url, options)
         self.url = url
         self.hub = hub_for(url)
         self.unsettled: set[MemoryDelivery] = set()

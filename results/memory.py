@@ -18,9 +18,9 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
-from brokers.memory import subscription
+from brokers.memory import memory_options, subscription
 from qtasks.errors import ConfigurationError
 from qtasks.interfaces import ResultStore
 from qtasks.protocol import ResultEvent
@@ -114,17 +114,17 @@ def hub_for(url: str) -> ResultHub:
 
 
 class MemoryResultStore(ResultStore):
-    def __init__(self, url: str = "memory://", ttl: float | None = None,
-                 max_tasks: int | None = None, **_options: Any) -> None:
+    def __init__(self, url: str = "memory://", **options: Any) -> None:
         self.url = url
         self.hub = hub_for(url)
-        query = parse_qs(urlsplit(url).query)
-        if ttl is not None:
-            self.ttl = ttl
-        elif "ttl" in query:
-            self.ttl = float(query["ttl"][0])
-        if max_tasks is None:
-            max_tasks = int(query.get("max_tasks", [MAX_TASKS])[0])
+        merged = memory_options(url, options)
+        try:
+            self.ttl = float(merged.get("ttl", self.ttl))
+            max_tasks = int(merged.get("max_tasks", MAX_TASKS))
+        except ValueError as exc:
+            raise ConfigurationError(f"bad memory:// option value: {exc}") from None
+        if self.ttl <= 0:
+            raise ConfigurationError(f"ttl must be positive, not {self.ttl:g}")
         if max_tasks < 1:
             raise ConfigurationError(f"max_tasks must be at least 1, not {max_tasks}")
         self.max_tasks = max_tasks

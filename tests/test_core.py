@@ -324,6 +324,12 @@ async def test_memory_store_keeps_at_most_max_tasks_finished_tasks() -> None:
     assert len(store.hub.logs) == 3 and len(store.hub.expiry) <= 2 * 3 + 1024 + 1
     with pytest.raises(ConfigurationError, match="max_tasks"):
         MemoryResultStore("memory://?max_tasks=0")
+    # One URL serves both; a typo is an error, not a silent default.
+    assert MemoryBroker("memory://?ttl=5&max_tasks=3").url.endswith("max_tasks=3")
+    with pytest.raises(ConfigurationError, match=r"unknown memory:// option\(s\) max_task;"):
+        QueueTasks(broker="memory://?max_task=3")
+    with pytest.raises(ConfigurationError, match="bad memory:// option value"):
+        MemoryResultStore("memory://?ttl=soon")
 
 
 async def test_memory_store_keeps_a_final_its_submitter_has_not_read_yet() -> None:
