@@ -374,6 +374,7 @@ class NatsBroker(Broker):
     """Tasks through JetStream; see the module docstring and ``docs/nats.md``."""
 
     supports_priority = False  # JetStream has no message priority; use separate queues
+    deduplicates = True  # Nats-Msg-Id = task id, within the stream's duplicate window
 
     def __init__(self, url: str = "nats://127.0.0.1:4222", **options: Any) -> None:
         self.url = url

@@ -677,3 +677,41 @@ async def _events_until_final(sub: Any) -> tuple[set[str], list[dict[str, Any]]]
         data = orjson.loads(msg.data)
         events += data["events"] if data["kind"] == "batch" else [data]
     return subjects, events
+
+
+async def test_a_task_redelivered_past_ack_wait_joins_its_run(
+        nats_url: str, prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """With its heartbeats lost (here: turned off), a running task's message is handed
+    out again after ``ack_wait``, to the same worker: the copy joins the run instead of
+    running it a second time, and the message is acked once, when the run ends."""
+    url = f"{nats_url}?prefix={prefix}&ack_wait=1"
+    app = QueueTasks(broker=url, results=url, embedded_worker=False)
+    app.broker.lease_interval = None  # no in_progress(): as if they could not get through
+    calls: list[int] = []
+    release = asyncio.Event()
+
+    @app.task
+    async def long_held() -> int:
+        calls.append(1)
+        await release.wait()
+        return len(calls)
+
+    try:
+        with caplog.at_level(logging.WARNING):
+            async with running_worker(app, concurrency=2) as worker:
+                task = await long_held.add_task()
+                async with asyncio.timeout(DEADLINE):
+                    while worker.processed < 1:  # noqa: ASYNC110 - no event for it
+                        await asyncio.sleep(0.02)  # the copy joined; bounded
+                assert "delivered again while it runs here" in caplog.text
+                release.set()
+                await task.wait(DEADLINE)
+        assert (task.status, task.returning, len(calls)) == (TaskStatus.SUCCESS, 1, 1)
+        deliveries = Drain(app.broker.consume(["default"], prefetch=2))
+        try:
+            assert await deliveries.nothing_within(1.5)  # past another ack_wait
+        finally:
+            await deliveries.close()
+    finally:
+        await app.close()
+        await delete_namespace(nats_url, prefix)

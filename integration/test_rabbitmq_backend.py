@@ -18,6 +18,8 @@ from aio_pika.exceptions import ChannelInvalidStateError
 from aiormq import spec
 
 from brokers.rabbitmq import RabbitMQBroker, RabbitMQDelivery
+from integration.conftest import require_tools
+from integration.rabbitmq_node import private_rabbitmq
 from integration.rabbitmq_support import (
     Namespace,
     close_connection,
@@ -622,3 +624,46 @@ async def test_grouped_finals_in_flight_when_the_connection_drops_are_sent_again
             seen.add((await heard.next()).id)
     await heard.close()
     assert store.reconnects == 1
+
+
+@pytest.mark.timeout(300)  # boots a RabbitMQ node of its own (up to 120 s)
+async def test_past_consumer_timeout_the_redelivered_task_joins_its_run(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """RabbitMQ closes the channel of a delivery held past ``consumer_timeout`` and hands
+    the message out again, here to the same worker while the task still runs. The copy
+    joins the run: one run, one final, the message acked once the run ends."""
+    require_tools("rabbitmq-server")
+    # 1 s timeout, checked every 0.2 s (3.10 checks on the channel tick, 60 s by default).
+    with private_rabbitmq("consumer_timeout = 1000\n",
+                          "[{rabbit, [{channel_tick_interval, 200}]}].\n") as node:
+        url = f"{node.url}?prefix=ct&consumer_timeout=1"
+        app = QueueTasks(broker=url, results=url, embedded_worker=False)
+        calls: list[int] = []
+        release = asyncio.Event()
+
+        @app.task
+        async def long_held() -> int:
+            calls.append(1)
+            await release.wait()
+            return len(calls)
+
+        try:
+            with caplog.at_level(logging.WARNING):
+                async with running_worker(app, concurrency=2) as worker:
+                    task = await long_held.add_task()
+                    async with asyncio.timeout(DEADLINE):
+                        while worker.processed < 1:  # noqa: ASYNC110 - no event for it
+                            await asyncio.sleep(0.02)  # the copy joined; bounded
+                    assert "delivered again while it runs here" in caplog.text
+                    release.set()
+                    await task.wait(DEADLINE)
+                    assert (task.status, task.returning, len(calls)) == \
+                        (TaskStatus.SUCCESS, 1, 1)
+            # Acked with the run: a new consumer gets nothing.
+            deliveries = Drain(app.broker.consume(["default"], prefetch=2))
+            try:
+                assert await deliveries.nothing_within(0.5)
+            finally:
+                await deliveries.close()
+        finally:
+            await app.close()

@@ -107,6 +107,11 @@ class Broker(abc.ABC):
     #: no bound. The app refuses a priority outside ``0..max_priority`` rather than have
     #: it clamped silently.
     max_priority: int | None = None
+    #: Whether a task message published again with the same id (a producer retrying a
+    #: publish whose confirm it lost) is dropped within the broker's duplicate window
+    #: (NATS JetStream, by ``Nats-Msg-Id``). Elsewhere the copy is delivered, and a worker
+    #: running that task joins it to the run (``qtasks.lease``) or finds its final.
+    deduplicates: bool = False
     #: Seconds between ``Delivery.keep_alive`` calls for a running task, or None.
     lease_interval: float | None = None
     #: The broker's own limit on one message, in bytes, once started (None: no limit).

@@ -27,6 +27,7 @@ from qtasks.cancellation import REVOKE_TTL, Revocations, TaskCancelled
 from qtasks.errors import MessageDecodeError, MessageEncodeError, UnknownTaskError
 from qtasks.executors import default_executor
 from qtasks.interfaces import Delivery, close_iterator
+from qtasks.lease import Lease
 from qtasks.protocol import (
     ErrorInfo,
     ResultEvent,
@@ -145,6 +146,9 @@ class Worker:
         self.revoked = Revocations(revoke_ttl)
         #: Tasks whose function runs now, by task id: what a cancel request interrupts.
         self._executing: dict[str, asyncio.Task[Any]] = {}
+        #: Runs in progress by (task id, attempt): a delivery of one of them again joins
+        #: it instead of starting a second run (``qtasks.lease``).
+        self._leases: dict[tuple[str, int], Lease] = {}
         #: Runs interrupted by a cancel request (not by the worker stopping).
         self._cancelling: set[asyncio.Task[Any]] = set()
         self.processed = 0
@@ -263,11 +267,16 @@ class Worker:
         except asyncio.CancelledError:
             # Stopping past the grace period: the message goes back, unacked.
             with contextlib.suppress(Exception):
-                await asyncio.shield(delivery.requeue())
+                await asyncio.shield(self._held(delivery).requeue())
         except Exception:
             log.exception("internal error while handling a delivery; giving it back")
             with contextlib.suppress(Exception):
-                await delivery.requeue()
+                await self._held(delivery).requeue()
+
+    def _held(self, delivery: Delivery) -> Delivery:
+        """What this handler holds now: its run's lease once it runs, else the delivery."""
+        current = asyncio.current_task()
+        return self.in_flight.get(current, delivery) if current is not None else delivery
 
     async def _process(self, delivery: Delivery) -> None:
         app = self.app
@@ -284,6 +293,12 @@ class Worker:
         schema = app.registry.get(message.task)
         if schema is None:
             await self._end_unknown(delivery, message)
+            return
+        lease = self._leases.get((message.id, message.attempt))
+        if lease is not None and lease.join(delivery):
+            log.warning("task %s %s was delivered again while it runs here (its lease was "
+                        "lost: a channel or connection closed, or it was published twice); "
+                        "the run goes on and settles both", message.task, message.id)
             return
         if message.not_before is not None:
             wait = message.not_before - time.time()
@@ -356,10 +371,17 @@ class Worker:
             lambda: self._publish(replace(base, status=TaskStatus.RUNNING.value,
                                           ts=started_at), reply_to),
             self.running_after)
+        key = (message.id, message.attempt)
+        lease = self._leases[key] = Lease(delivery)
+        current = asyncio.current_task()
+        if current in self.in_flight:
+            self.in_flight[current] = lease  # kept alive, or given back on a stop, as one
         try:
-            await self._execute(delivery, message, schema, base, running, reply_to)
+            await self._execute(lease, message, schema, base, running, reply_to)
         finally:
             running.cancel()
+            if self._leases.get(key) is lease:
+                del self._leases[key]
 
     async def _execute(self, delivery: Delivery, message: TaskMessage, schema: TaskExecSchema,
                        base: ResultEvent, running: _RunningStatus,

@@ -109,6 +109,13 @@ def register_contract_tasks(app: QueueTasks) -> None:
         await gate(token).wait()
         return value
 
+    @app.task(name="counted_hold")
+    async def counted_hold(token: str) -> int:
+        CALLS[token] = CALLS.get(token, 0) + 1
+        gate(f"{token}:started").set()
+        await gate(token).wait()
+        return CALLS[token]
+
     @app.task(name="barrier")
     async def barrier(token: str, parties: int) -> int:
         CALLS[token] = CALLS.get(token, 0) + 1
@@ -492,6 +499,34 @@ class BackendContract:
             while await reader.get(task.id) is not None:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)  # polling the store under test, bounded
         assert time.time() >= task.finished_at + SHORT_RESULT_TTL
+
+    async def test_a_task_delivered_again_while_it_runs_is_not_run_twice(
+            self, backend: Backend) -> None:
+        """A copy of a running task's message (a lost lease redelivered, or a publish
+        retried) joins the run: one run, one final, and nothing left to deliver."""
+        producer, worker_app = backend.app(), backend.app()
+        token = uuid7()
+        async with running_worker(worker_app, concurrency=4) as worker:
+            task = await producer.add_task("counted_hold", token)
+            async with asyncio.timeout(DEADLINE):
+                await gate(f"{token}:started").wait()
+            copy = TaskMessage(id=task.id, task="counted_hold", args=[token],
+                               created_at=time.time())
+            await producer.publish(copy)
+            if not producer.broker.deduplicates:
+                await settled(worker, 1)  # the copy joined the run, which still waits
+            assert CALLS[token] == 1
+            gate(token).set()
+            await task.wait(DEADLINE)
+            after = await producer.add_task("add", 1, 1, timeout=DEADLINE)
+            await settled(worker, 2 if producer.broker.deduplicates else 3)
+        assert (task.returning, after.returning, CALLS[token]) == (1, 2, 1)
+        # Both deliveries were settled with the run: a new consumer gets nothing.
+        deliveries = Drain(producer.broker.consume(["default"], prefetch=4))
+        try:
+            assert await deliveries.nothing_within(0.5)
+        finally:
+            await deliveries.close()
 
     async def test_get_while_running(self, backend: Backend) -> None:
         producer, worker_app, reader = backend.app(), backend.app(), backend.app()

@@ -1,0 +1,81 @@
+"""A running task's hold on its message, which later deliveries of the same task join.
+
+A broker gives a message out again while its first delivery still runs on this worker
+when that delivery's lease was lost without the worker dying: RabbitMQ closed the channel
+at its ``consumer_timeout`` (which also hands back every other unacked delivery of that
+channel), a connection dropped and came back, NATS's ``ack_wait`` passed while heartbeats
+could not get through; or a producer published the same task twice. Running it a second
+time beside the first would do the work twice and race two finals. Instead the worker adds
+the new delivery to the running one's ``Lease``, and the run settles every delivery it
+holds with its one outcome, the newest first. Settling a delivery whose channel died is a
+logged no-op (the ``Delivery`` contract), so what counts is the live one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from qtasks.interfaces import Delivery
+
+log = logging.getLogger("qtasks.worker")
+
+
+class Lease(Delivery):
+    """Every delivery of one task attempt that reached this worker while it runs."""
+
+    def __init__(self, delivery: Delivery) -> None:
+        self.deliveries = [delivery]
+        self.body = delivery.body
+        self.redelivered = delivery.redelivered
+        self.settling = False
+
+    def join(self, delivery: Delivery) -> bool:
+        """Hold ``delivery`` too; False once the outcome is being settled (too late: the
+        caller handles it as any redelivery, which finds the stored final)."""
+        if self.settling:
+            return False
+        self.deliveries.append(delivery)
+        return True
+
+    async def _settle(self, first: Callable[[Delivery], Awaitable[None]],
+                      rest: Callable[[Delivery], Awaitable[None]]) -> None:
+        self.settling = True
+        newest, *older = reversed(self.deliveries)
+        await first(newest)
+        for delivery in older:
+            try:
+                await rest(delivery)
+            except Exception as exc:  # an older lease: its failure must not undo the outcome
+                log.warning("settling an earlier delivery of the same task failed: %s", exc)
+
+    async def ack(self) -> None:
+        await self._settle(_ack, _ack)
+
+    async def requeue(self) -> None:
+        await self._settle(_requeue, _requeue)
+
+    async def retry_later(self, delay: float) -> None:
+        async def later(delivery: Delivery) -> None:
+            await delivery.retry_later(delay)
+
+        await self._settle(later, later)
+
+    async def dead_letter(self, reason: str) -> None:
+        """One dead letter, not one per copy: the others are settled as done with."""
+        async def dead(delivery: Delivery) -> None:
+            await delivery.dead_letter(reason)
+
+        await self._settle(dead, _ack)
+
+    async def keep_alive(self) -> None:
+        for delivery in self.deliveries:
+            await delivery.keep_alive()
+
+
+async def _ack(delivery: Delivery) -> None:
+    await delivery.ack()
+
+
+async def _requeue(delivery: Delivery) -> None:
+    await delivery.requeue()
