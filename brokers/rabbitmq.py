@@ -227,6 +227,10 @@ class RabbitMQDelivery(Delivery):
         await self._settle("dead-letter", move, fallback=lambda: self._acks.settle(
             self._tag, requeue=False, reject=True))
 
+    @property
+    def lost(self) -> bool:
+        return bool(self._acks.channel.is_closed)
+
     async def keep_alive(self) -> None:
         """RabbitMQ leases a delivery for as long as the channel lives, except that 3.10
         closes a channel holding a delivery longer than its ``consumer_timeout`` (which a

@@ -703,7 +703,7 @@ async def test_a_task_redelivered_past_ack_wait_joins_its_run(
                 async with asyncio.timeout(DEADLINE):
                     while worker.processed < 1:  # noqa: ASYNC110 - no event for it
                         await asyncio.sleep(0.02)  # the copy joined; bounded
-                assert "delivered again while it runs here" in caplog.text
+                assert "delivered again while it is handled here" in caplog.text
                 release.set()
                 await task.wait(DEADLINE)
         assert (task.status, task.returning, len(calls)) == (TaskStatus.SUCCESS, 1, 1)

@@ -631,7 +631,9 @@ async def test_past_consumer_timeout_the_redelivered_task_joins_its_run(
         caplog: pytest.LogCaptureFixture) -> None:
     """RabbitMQ closes the channel of a delivery held past ``consumer_timeout`` and hands
     the message out again, here to the same worker while the task still runs. The copy
-    joins the run: one run, one final, the message acked once the run ends."""
+    joins the run: one run, one final, the message acked once the run ends. Held through
+    two timeouts, the run keeps one prefetch slot, not one per copy: with concurrency 2,
+    another task still runs meanwhile."""
     require_tools("rabbitmq-server")
     # 1 s timeout, checked every 0.2 s (3.10 checks on the channel tick, 60 s by default).
     with private_rabbitmq("consumer_timeout = 1000\n",
@@ -647,14 +649,20 @@ async def test_past_consumer_timeout_the_redelivered_task_joins_its_run(
             await release.wait()
             return len(calls)
 
+        @app.task
+        async def quick_add(a: int, b: int) -> int:
+            return a + b
+
         try:
             with caplog.at_level(logging.WARNING):
                 async with running_worker(app, concurrency=2) as worker:
                     task = await long_held.add_task()
                     async with asyncio.timeout(DEADLINE):
-                        while worker.processed < 1:  # noqa: ASYNC110 - no event for it
-                            await asyncio.sleep(0.02)  # the copy joined; bounded
-                    assert "delivered again while it runs here" in caplog.text
+                        while worker.processed < 2:  # noqa: ASYNC110 - no event for it
+                            await asyncio.sleep(0.02)  # two copies joined; bounded
+                    assert "delivered again while it is handled here" in caplog.text
+                    quick = await quick_add.add_task(2, 3, timeout=DEADLINE)
+                    assert quick.returning == 5 and not task.status.finished
                     release.set()
                     await task.wait(DEADLINE)
                     assert (task.status, task.returning, len(calls)) == \

@@ -84,6 +84,13 @@ class Delivery(abc.ABC):
         """Move the message, byte for byte, to the dead-letter destination with ``reason``
         attached, then remove it from the work queue. Never drops the message."""
 
+    @property
+    def lost(self) -> bool:
+        """True once this delivery can no longer be settled: its channel or connection is
+        gone and the broker has put the message back (RabbitMQ). A worker lets such a
+        delivery go when a newer delivery of the same message joins its run."""
+        return False
+
     async def keep_alive(self) -> None:  # noqa: B027 - deliberately optional
         """Extend the lease while a long task runs, so the broker does not hand the message
         to another worker. Called every ``Broker.lease_interval`` seconds; a no-op where
@@ -107,10 +114,11 @@ class Broker(abc.ABC):
     #: no bound. The app refuses a priority outside ``0..max_priority`` rather than have
     #: it clamped silently.
     max_priority: int | None = None
-    #: Whether a task message published again with the same id (a producer retrying a
-    #: publish whose confirm it lost) is dropped within the broker's duplicate window
-    #: (NATS JetStream, by ``Nats-Msg-Id``). Elsewhere the copy is delivered, and a worker
-    #: running that task joins it to the run (``qtasks.lease``) or finds its final.
+    #: Whether a task message published again with the same id and attempt (a producer
+    #: retrying a publish whose confirm it lost) is dropped within the broker's duplicate
+    #: window (NATS JetStream, by ``Nats-Msg-Id``). Elsewhere the copy is delivered: the
+    #: worker handling that task at the time joins it to the run (``qtasks.lease``);
+    #: otherwise it runs again (at-least-once).
     deduplicates: bool = False
     #: Seconds between ``Delivery.keep_alive`` calls for a running task, or None.
     lease_interval: float | None = None

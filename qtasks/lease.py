@@ -30,12 +30,22 @@ class Lease(Delivery):
         self.redelivered = delivery.redelivered
         self.settling = False
 
-    def join(self, delivery: Delivery) -> bool:
+    async def join(self, delivery: Delivery) -> bool:
         """Hold ``delivery`` too; False once the outcome is being settled (too late: the
-        caller handles it as any redelivery, which finds the stored final)."""
+        caller handles the copy on its own, and a redelivered one then finds the stored
+        final). Deliveries this one replaces (``lost``) are let go now: settling them is a
+        no-op on their closed channel that frees their prefetch slots, which a run held
+        past several RabbitMQ ``consumer_timeout``s would otherwise pile up."""
         if self.settling:
             return False
+        lost = [held for held in self.deliveries if held.lost]
+        self.deliveries = [held for held in self.deliveries if not held.lost]
         self.deliveries.append(delivery)
+        for held in lost:
+            try:
+                await held.ack()
+            except Exception as exc:
+                log.warning("letting go of a lost delivery failed: %s", exc)
         return True
 
     async def _settle(self, first: Callable[[Delivery], Awaitable[None]],
@@ -71,6 +81,10 @@ class Lease(Delivery):
     async def keep_alive(self) -> None:
         for delivery in self.deliveries:
             await delivery.keep_alive()
+
+    @property
+    def lost(self) -> bool:
+        return all(delivery.lost for delivery in self.deliveries)
 
 
 async def _ack(delivery: Delivery) -> None:

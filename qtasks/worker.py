@@ -294,37 +294,63 @@ class Worker:
         if schema is None:
             await self._end_unknown(delivery, message)
             return
-        lease = self._leases.get((message.id, message.attempt))
-        if lease is not None and lease.join(delivery):
-            log.warning("task %s %s was delivered again while it runs here (its lease was "
-                        "lost: a channel or connection closed, or it was published twice); "
-                        "the run goes on and settles both", message.task, message.id)
+        key = (message.id, message.attempt)
+        lease = self._leases.get(key)
+        if lease is not None and await lease.join(delivery):
+            log.warning("task %s %s was delivered again while it is handled here (its "
+                        "lease was lost: a channel or connection closed, or it was published "
+                        "twice); the run goes on and settles both", message.task, message.id)
             return
+        # Held from here, before any await: a copy arriving meanwhile joins this handling.
+        lease = self._leases[key] = Lease(delivery)
+        current = asyncio.current_task()
+        if current in self.in_flight:
+            self.in_flight[current] = lease  # kept alive, or given back on a stop, as one
+        try:
+            await self._process_held(lease, message, schema)
+        finally:
+            if self._leases.get(key) is lease:
+                del self._leases[key]
+
+    async def _process_held(self, lease: Lease, message: TaskMessage,
+                            schema: TaskExecSchema) -> None:
         if message.not_before is not None:
             wait = message.not_before - time.time()
             if wait > 0.001:
                 if self.revoked.reason(message.id) is not None:
                     # Now, not when due: by then this worker may have forgotten the request.
-                    await self._end_cancelled(delivery, message)
+                    await self._end_cancelled(lease, message)
                 else:
-                    await delivery.retry_later(wait)
+                    await lease.retry_later(wait)
                 return
-        if delivery.redelivered:
-            previous = await app.results_store.get(message.id)
-            if previous is not None and previous.kind == "final" \
-                    and previous.attempt >= message.attempt:
-                # Its result is stored and only the ack was lost. The final is published
-                # again (a duplicate at worst, which readers drop): a store that keeps it
-                # in two places may have been left with it in one.
-                await self._publish(previous, message.headers.get("reply_to"))
-                await delivery.ack()
-                return
+        if lease.redelivered and await self._already_done(lease, message):
+            return
         # No await from this check until the task is registered as executing, so a
         # cancel request is either seen here or interrupts the run.
         if self.revoked.reason(message.id) is not None:
-            await self._end_cancelled(delivery, message)
+            await self._end_cancelled(lease, message)
             return
-        await self._run(delivery, message, schema)
+        await self._run(lease, message, schema)
+
+    async def _already_done(self, lease: Lease, message: TaskMessage) -> bool:
+        """A redelivered attempt that already ended (only its ack was lost) is settled
+        without running again: its final is stored, or a later attempt has started."""
+        previous = await self.app.results_store.get(message.id)
+        if previous is None or previous.attempt < message.attempt:
+            return False
+        if previous.kind == "final":
+            if previous.error is not None and previous.error.type == "UnknownTaskError":
+                return False  # a dead letter requeued once its task was deployed: run it
+            # The final is published again (a duplicate at worst, which readers drop): a
+            # store that keeps it in two places may have been left with it in one.
+            await self._publish(previous, message.headers.get("reply_to"))
+        elif not (previous.attempt > message.attempt
+                  and previous.status == TaskStatus.RUNNING.value):
+            # A later attempt that has not started yet: its message may not have been
+            # published (the worker died between its "new" status and the publish).
+            return False
+        await lease.ack()
+        return True
 
     async def _end_unknown(self, delivery: Delivery, message: TaskMessage) -> None:
         """A task this worker does not know: its submitter gets an ``error`` final at once
@@ -336,8 +362,13 @@ class Worker:
             f"no task named {message.task!r} is registered on worker {self.name} (queue "
             f"{message.queue!r}); the message is kept as a dead letter"))
         base = self._event("final", message, time.time())
-        await self._finish(delivery, message, base, TaskStatus.ERROR, None, error,
-                           settle=lambda: delivery.dead_letter(reason))
+        try:
+            await self._finish(delivery, message, base, TaskStatus.ERROR, None, error,
+                               settle=lambda: delivery.dead_letter(reason))
+        except Exception as exc:  # telling the submitter is best effort; keeping it is not
+            log.error("could not publish the error of task %s %s: %s", message.task,
+                      message.id, exc)
+            await delivery.dead_letter(reason)
 
     async def _end_cancelled(self, delivery: Delivery, message: TaskMessage) -> None:
         """A task cancelled before it started: its final says so, and it never runs."""
@@ -371,17 +402,10 @@ class Worker:
             lambda: self._publish(replace(base, status=TaskStatus.RUNNING.value,
                                           ts=started_at), reply_to),
             self.running_after)
-        key = (message.id, message.attempt)
-        lease = self._leases[key] = Lease(delivery)
-        current = asyncio.current_task()
-        if current in self.in_flight:
-            self.in_flight[current] = lease  # kept alive, or given back on a stop, as one
         try:
-            await self._execute(lease, message, schema, base, running, reply_to)
+            await self._execute(delivery, message, schema, base, running, reply_to)
         finally:
             running.cancel()
-            if self._leases.get(key) is lease:
-                del self._leases[key]
 
     async def _execute(self, delivery: Delivery, message: TaskMessage, schema: TaskExecSchema,
                        base: ResultEvent, running: _RunningStatus,

@@ -797,6 +797,27 @@ class BackendContract:
         assert {(letter.body == garbage_body, letter.reason.split(":")[0])
                 for letter in letters} == {(False, "unknown task"), (True, "undecodable")}
 
+    async def test_an_unknown_task_requeued_once_deployed_runs(self, backend: Backend) -> None:
+        """Rolled out in the wrong order: the worker does not know the task yet, so it
+        ends ``error`` and is kept; requeued once a worker knows it, it runs, and ``get``
+        reports the new outcome."""
+        producer = backend.app()
+        old = QueueTasks(broker=backend.make_broker(), results=backend.make_results(),
+                         embedded_worker=False)  # knows no task at all
+        backend.apps.append(old)
+        async with running_worker(old):
+            task = await producer.add_task("add", 2, 3, timeout=DEADLINE)
+        assert task.error is not None and task.error.type == "UnknownTaskError"
+        [letter] = await kept_dead_letters(producer, 1)
+        assert await producer.broker.requeue_dead([letter.ref]) == 1
+        async with running_worker(backend.app()):
+            async with asyncio.timeout(DEADLINE):
+                while (found := await producer.get(task.id)) is None \
+                        or found.status is not TaskStatus.SUCCESS:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)  # polling the store under test, bounded
+        assert found.returning == 5
+        assert await producer.broker.dead_letters() == []
+
     async def test_forged_or_unsigned_tasks_never_run(self, backend: Backend) -> None:
         producer, worker_app = backend.app(signing_key="k1"), backend.app(signing_key="k1")
         forger, unsigned = backend.app(signing_key="not the key"), backend.app()
