@@ -27,7 +27,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
-from brokers._nats_client import CoalescingClient
+from brokers._nats_client import CoalescingClient, PlaintextServerError
 from brokers._nats_pubacks import PubAcks
 from qtasks.errors import BrokerUnavailableError, ConfigurationError
 
@@ -166,11 +166,17 @@ def _require_nkeys(option: str) -> None:
 
 def _readable(option: str, path: str) -> None:
     try:
-        with open(path, "rb"):
-            pass
+        with open(path, "rb") as file:
+            head = file.read(1 << 16) if option == "creds" else b""
     except OSError as exc:
         raise ConfigurationError(f"NATS option {option}: cannot read {path!r}: "
                                  f"{exc.strerror or exc}") from None
+    # nats-py reads a creds file line by line until each block's marker, forever (the
+    # event loop with it) if one is missing.
+    for marker in (b"BEGIN NATS USER JWT", b"BEGIN USER NKEY SEED"):
+        if option == "creds" and marker not in head:
+            raise ConfigurationError(f"NATS option creds: {path!r} is not a credentials "
+                                     f"file (no '-----{marker.decode()}-----' block)")
 
 
 def requires_tls(servers: list[str], options: dict[str, Any]) -> bool:
@@ -294,6 +300,10 @@ class Connection:
             except Exception as exc:
                 await _close_quietly(nc)
                 problem = configuration_problem(exc)
+                if problem is None and nc.plaintext_refused:  # and no server took us
+                    problem = (f"each of {', '.join(sorted(nc.plaintext_refused))} does not "
+                               "offer TLS, but TLS was asked for (a tls:// URL or a tls_* "
+                               "option): refusing to connect unencrypted")
                 if problem is not None:
                     raise ConfigurationError(
                         f"cannot connect to NATS at {redact(self.url)}: {problem}") from None
@@ -415,22 +425,33 @@ class Connection:
         have made it first, or an older version with other limits)."""
         js = self.js
         try:
-            try:
-                await self.retry(f"create stream {config.name}", lambda: js.add_stream(config),
-                                 timeout=self.connect_timeout)
-            except nats.js.errors.BadRequestError as exc:
-                # 10058: the name is in use with another config. 10065: the subjects overlap,
-                # which the server also answers while another process is creating this very
-                # stream; either way it is ours to bring to ``config`` if it exists by name.
-                if exc.err_code not in (10058, 10065):
-                    raise
-                if not await self._exists(config):
-                    raise ConfigurationError(
-                        f"cannot create stream {config.name}: another stream on "
-                        f"{redact(self.url)} already takes its subjects {config.subjects}; "
-                        "choose another prefix or remove that stream") from exc
-                await self.retry(f"update stream {config.name}",
-                                 lambda: js.update_stream(config), timeout=self.connect_timeout)
+            for attempt in range(3):
+                try:
+                    await self.retry(f"create stream {config.name}",
+                                     lambda: js.add_stream(config), timeout=self.connect_timeout)
+                    return
+                except nats.js.errors.BadRequestError as exc:
+                    # 10058: the name is in use with another config. 10065: the subjects
+                    # overlap, which the server also answers while another process is
+                    # creating this very stream; either way it is ours to bring to
+                    # ``config`` if it exists by name. A stream being created may not
+                    # answer yet (a cluster assigns it first): asked again before it is
+                    # taken for a foreign one.
+                    if exc.err_code not in (10058, 10065):
+                        raise
+                    if await self.retry(f"look up stream {config.name}",
+                                        lambda: self._exists(config)):
+                        await self.retry(f"update stream {config.name}",
+                                         lambda: js.update_stream(config),
+                                         timeout=self.connect_timeout)
+                        return
+                    if attempt == 2:
+                        raise ConfigurationError(
+                            f"cannot create stream {config.name}: another stream on "
+                            f"{redact(self.url)} already takes its subjects "
+                            f"{config.subjects}; choose another prefix or remove that "
+                            "stream") from exc
+                await asyncio.sleep(0.2 * (attempt + 1))
         except Exception as exc:
             if not is_transient(exc):
                 raise
@@ -458,8 +479,10 @@ class Connection:
         self.last_error = exc
         if _REFUSAL.search(str(exc)) or isinstance(exc, nats.errors.AuthorizationError):
             self.refusal = exc
-        # While reconnecting, each failed attempt reports here: routine, not a warning.
-        level = logging.WARNING if self.nc.is_connected else logging.INFO
+        # While reconnecting, each failed attempt reports here: routine, not a warning,
+        # except a server refused for not offering TLS, which someone must fix.
+        level = logging.WARNING if self.nc.is_connected \
+            or isinstance(exc, PlaintextServerError) else logging.INFO
         log.log(level, "NATS %s error (%s): %s: %s", self.role, redact(self.url),
                 type(exc).__name__, exc)
 

@@ -15,8 +15,6 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client
 
-from qtasks.errors import ConfigurationError
-
 
 class PlaintextServerError(nats.errors.Error):
     """A server that does not offer TLS, met while reconnecting a client that requires
@@ -38,19 +36,18 @@ class CoalescingClient(Client):
     ``tls_required``, whatever the URL's scheme, so a ``tls://`` URL pointed at a plaintext
     server (a typo'd port, a server whose TLS block was dropped) would send credentials
     and every task in clear. With it set, a server that does not require TLS is refused
-    after its INFO, before CONNECT: at the first connect with ``ConfigurationError``
-    (raised through ``connect``, which retries only nats-py's own errors), later as a
-    failed reconnect attempt (``PlaintextServerError``).
+    after its INFO, before CONNECT, as a failed attempt (``PlaintextServerError``): nats-py
+    goes on to the next server of the list, and ``plaintext_refused`` names the refused
+    ones (``Connection.open`` makes that a ``ConfigurationError`` if no server was left).
     """
 
     #: Refuse any server that does not require TLS (set before ``connect``).
     require_tls = False
-    #: Set once ``connect`` has returned: refusals after that are reconnect attempts.
-    _connected_once = False
 
-    async def connect(self, *args: Any, **kwargs: Any) -> None:
-        await super().connect(*args, **kwargs)
-        self._connected_once = True
+    def __init__(self) -> None:
+        super().__init__()
+        #: ``host:port`` of every server refused for not offering TLS.
+        self.plaintext_refused: set[str] = set()
 
     @property
     def uses_tls(self) -> bool:
@@ -68,9 +65,8 @@ class CoalescingClient(Client):
                        "tls:// URL or a tls_* option): refusing to connect unencrypted")
             if self._transport is not None:
                 self._transport.close()  # type: ignore[no-untyped-call]  # nothing in clear
-            if self._connected_once:
-                raise PlaintextServerError(problem)
-            raise ConfigurationError(problem)
+            self.plaintext_refused.add(where)
+            raise PlaintextServerError(problem)
         await super()._process_info(info, initial_connection)
 
     async def publish_with_headers(self, subject: str, reply: str, payload: bytes,

@@ -231,6 +231,11 @@ class RabbitMQDelivery(Delivery):
     def lost(self) -> bool:
         return bool(self._acks.channel.is_closed)
 
+    async def let_go(self) -> None:
+        if not self._settled:
+            self._settled = True
+            self._on_settled()
+
     async def keep_alive(self) -> None:
         """RabbitMQ leases a delivery for as long as the channel lives, except that 3.10
         closes a channel holding a delivery longer than its ``consumer_timeout`` (which a

@@ -164,6 +164,21 @@ async def test_an_nkey_user_runs_a_task_and_a_wrong_seed_is_refused(tmp_path: Pa
                     await broken.start()
 
 
+async def test_a_creds_file_without_both_blocks_is_refused_at_once(tmp_path: Path) -> None:
+    """nats-py reads a creds file until each block's marker: without one it loops forever,
+    the event loop with it. Checked before connecting instead."""
+    seed, _ = nkey_pair()
+    only_seed = tmp_path / "only-seed.creds"
+    only_seed.write_bytes(b"-----BEGIN USER NKEY SEED-----\n" + seed +
+                          b"\n------END USER NKEY SEED------\n")
+    (tmp_path / "empty.creds").write_bytes(b"")
+    for name in ("only-seed.creds", "empty.creds"):
+        broker = NatsBroker(f"nats://127.0.0.1:4222?creds={tmp_path / name}")
+        async with asyncio.timeout(5):
+            with pytest.raises(ConfigurationError, match="is not a credentials file"):
+                await broker.start()
+
+
 async def test_nkeys_without_the_nkeys_package_is_a_configuration_error_at_once(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What a plain ``pip install nats-py`` left: nats-py imports ``nkeys`` inside
@@ -249,6 +264,17 @@ async def test_tls_with_a_private_ca(tmp_path: Path) -> None:
         untrusted = NatsBroker(f"tls://127.0.0.1:{port}?connect_timeout=1")
         with pytest.raises(BrokerUnavailableError, match="CERTIFICATE_VERIFY_FAILED"):
             await untrusted.start()
+        # A plaintext server first in the list is passed over, not fatal.
+        (tmp_path / "plain").mkdir()
+        with private_server(str(tmp_path / "plain")) as plain_port:
+            mixed = NatsBroker(f"tls://127.0.0.1:{plain_port},tls://127.0.0.1:{port}"
+                               f"?tls_ca={ca}", connect_options={"dont_randomize": True})
+            try:
+                await mixed.start()
+                assert mixed.conn.nc.uses_tls
+                assert mixed.conn.nc.plaintext_refused == {f"127.0.0.1:{plain_port}"}
+            finally:
+                await mixed.close()
 
 
 async def test_a_reconnect_to_a_plaintext_server_is_refused(

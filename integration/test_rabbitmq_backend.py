@@ -108,15 +108,21 @@ async def test_a_url_option_nobody_reads_is_refused_not_ignored(query: str) -> N
         message = str(raised.value)
         assert f"unknown RabbitMQ URL option {key!r}" in message
         assert "'queue_type'" in message and "'heartbeat'" in message  # the known ones
+    with pytest.raises(ConfigurationError, match="unknown RabbitMQ URL option 'fail_fast'"):
+        RabbitMQBroker("amqp://h/?fail_fast=0")  # it would bypass connect_timeout
     with pytest.raises(ConfigurationError, match="did you mean 'queue_type'"):
         QueueTasks(broker="amqp://h/?queue_typ=quorum", embedded_worker=False)
 
 
-@pytest.mark.parametrize("query", ["heartbeat=3O", "no_verify_ssl=false", "auth=plane"])
+@pytest.mark.parametrize("query", ["heartbeat=3O", "heartbeat=65535", "no_verify_ssl=false",
+                                   "auth=plane", "cadata=not*base64",
+                                   "cafile=/nonexistent/ca.pem", "capath=/nonexistent"])
 async def test_a_connection_option_with_a_value_aiormq_would_misread_is_refused(
         query: str) -> None:
-    """aiormq reads ``heartbeat=3O`` as 0 (heartbeats off) and any ``no_verify_ssl``
-    but "0" as "do not verify the server": refused instead."""
+    """aiormq reads ``heartbeat=3O`` or ``65535`` as 0 (heartbeats off) and any
+    ``no_verify_ssl`` but "0" as "do not verify the server"; bad ``cadata`` makes
+    aio-pika's reconnect loop spin forever; a missing TLS file would be retried as a
+    network fault: each is refused at once instead."""
     with pytest.raises(ConfigurationError, match=f"URL option {query.partition('=')[0]}="):
         RabbitMQBroker(f"amqp://h/?{query}")
 

@@ -91,6 +91,11 @@ class Delivery(abc.ABC):
         delivery go when a newer delivery of the same message joins its run."""
         return False
 
+    async def let_go(self) -> None:
+        """Give up a ``lost`` delivery: free what it holds here (its prefetch slot), send
+        nothing. By default a settlement, which the contract makes a logged no-op then."""
+        await self.requeue()
+
     async def keep_alive(self) -> None:  # noqa: B027 - deliberately optional
         """Extend the lease while a long task runs, so the broker does not hand the message
         to another worker. Called every ``Broker.lease_interval`` seconds; a no-op where

@@ -33,9 +33,9 @@ class Lease(Delivery):
     async def join(self, delivery: Delivery) -> bool:
         """Hold ``delivery`` too; False once the outcome is being settled (too late: the
         caller handles the copy on its own, and a redelivered one then finds the stored
-        final). Deliveries this one replaces (``lost``) are let go now: settling them is a
-        no-op on their closed channel that frees their prefetch slots, which a run held
-        past several RabbitMQ ``consumer_timeout``s would otherwise pile up."""
+        final). Deliveries this one replaces (``lost``) are let go now, freeing their
+        prefetch slots, which a run held past several RabbitMQ ``consumer_timeout``s
+        would otherwise pile up."""
         if self.settling:
             return False
         lost = [held for held in self.deliveries if held.lost]
@@ -43,7 +43,7 @@ class Lease(Delivery):
         self.deliveries.append(delivery)
         for held in lost:
             try:
-                await held.ack()
+                await held.let_go()
             except Exception as exc:
                 log.warning("letting go of a lost delivery failed: %s", exc)
         return True
