@@ -43,6 +43,7 @@ from qtasks.protocol import ResultEvent, TaskMessage, decode_result, encode, uui
 from results.nats import NatsResultStore
 from tests.contract import (
     Drain,
+    check_copies_join_the_run,
     redeliver_with_final,
     running_worker,
     settled,
@@ -713,31 +714,8 @@ async def test_a_task_redelivered_past_ack_wait_joins_its_run(
     url = f"{nats_url}?prefix={prefix}&ack_wait=1"
     app = QueueTasks(broker=url, results=url, embedded_worker=False)
     app.broker.lease_interval = None  # no in_progress(): as if they could not get through
-    calls: list[int] = []
-    release = asyncio.Event()
-
-    @app.task
-    async def long_held() -> int:
-        calls.append(1)
-        await release.wait()
-        return len(calls)
-
     try:
-        with caplog.at_level(logging.WARNING):
-            async with running_worker(app, concurrency=2) as worker:
-                task = await long_held.add_task()
-                async with asyncio.timeout(DEADLINE):
-                    while worker.processed < 1:  # noqa: ASYNC110 - no event for it
-                        await asyncio.sleep(0.02)  # the copy joined; bounded
-                assert "delivered again while it is handled here" in caplog.text
-                release.set()
-                await task.wait(DEADLINE)
-        assert (task.status, task.returning, len(calls)) == (TaskStatus.SUCCESS, 1, 1)
-        deliveries = Drain(app.broker.consume(["default"], prefetch=2))
-        try:
-            assert await deliveries.nothing_within(1.5)  # past another ack_wait
-        finally:
-            await deliveries.close()
+        await check_copies_join_the_run(app, 1, caplog, quiet=1.5)  # past another ack_wait
     finally:
         await app.close()
         await delete_namespace(nats_url, prefix)

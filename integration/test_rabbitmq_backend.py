@@ -41,7 +41,7 @@ from qtasks import (
 )
 from qtasks.protocol import ResultEvent, encode, uuid7
 from results.rabbitmq import RabbitMQResultStore
-from tests.contract import Drain, running_worker, three_readers
+from tests.contract import Drain, check_copies_join_the_run, running_worker, three_readers
 
 DEADLINE = 30.0
 
@@ -646,38 +646,15 @@ async def test_past_consumer_timeout_the_redelivered_task_joins_its_run(
                           "[{rabbit, [{channel_tick_interval, 200}]}].\n") as node:
         url = f"{node.url}?prefix=ct&consumer_timeout=1"
         app = QueueTasks(broker=url, results=url, embedded_worker=False)
-        calls: list[int] = []
-        release = asyncio.Event()
-
-        @app.task
-        async def long_held() -> int:
-            calls.append(1)
-            await release.wait()
-            return len(calls)
 
         @app.task
         async def quick_add(a: int, b: int) -> int:
             return a + b
 
+        async def another_task_runs() -> None:
+            assert (await quick_add.add_task(2, 3, timeout=DEADLINE)).returning == 5
+
         try:
-            with caplog.at_level(logging.WARNING):
-                async with running_worker(app, concurrency=2) as worker:
-                    task = await long_held.add_task()
-                    async with asyncio.timeout(DEADLINE):
-                        while worker.processed < 2:  # noqa: ASYNC110 - no event for it
-                            await asyncio.sleep(0.02)  # two copies joined; bounded
-                    assert "delivered again while it is handled here" in caplog.text
-                    quick = await quick_add.add_task(2, 3, timeout=DEADLINE)
-                    assert quick.returning == 5 and not task.status.finished
-                    release.set()
-                    await task.wait(DEADLINE)
-                    assert (task.status, task.returning, len(calls)) == \
-                        (TaskStatus.SUCCESS, 1, 1)
-            # Acked with the run: a new consumer gets nothing.
-            deliveries = Drain(app.broker.consume(["default"], prefetch=2))
-            try:
-                assert await deliveries.nothing_within(0.5)
-            finally:
-                await deliveries.close()
+            await check_copies_join_the_run(app, 2, caplog, another_task_runs)
         finally:
             await app.close()

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -262,6 +263,43 @@ async def publish_one(app: QueueTasks, queue: str) -> bytes:
     message, body = task_message(queue)
     await app.broker.publish(message, body)
     return body
+
+
+async def check_copies_join_the_run(
+        app: QueueTasks, copies: int, caplog: pytest.LogCaptureFixture,
+        meanwhile: Callable[[], Awaitable[None]] | None = None, quiet: float = 0.5) -> None:
+    """The scenario of a lost lease, on a broker set up to lose it (a short RabbitMQ
+    ``consumer_timeout``, NATS without heartbeats): a held task's message comes back to
+    its worker ``copies`` times, each copy joins the run (``meanwhile`` runs then), and
+    once released it has run once, ended once, and left nothing to deliver for ``quiet``
+    seconds."""
+    calls: list[int] = []
+    release = asyncio.Event()
+
+    @app.task
+    async def long_held() -> int:
+        calls.append(1)
+        await release.wait()
+        return len(calls)
+
+    with caplog.at_level(logging.WARNING):
+        async with running_worker(app, concurrency=2) as worker:
+            task = await long_held.add_task()
+            async with asyncio.timeout(DEADLINE):
+                while worker.processed < copies:  # noqa: ASYNC110 - no event for it
+                    await asyncio.sleep(0.02)  # the copies joined; bounded
+            assert "delivered again while it is handled here" in caplog.text
+            if meanwhile is not None:
+                await meanwhile()
+            assert not task.status.finished
+            release.set()
+            await task.wait(DEADLINE)
+    assert (task.status, task.returning, len(calls)) == (TaskStatus.SUCCESS, 1, 1)
+    deliveries = Drain(app.broker.consume(["default"], prefetch=2))
+    try:
+        assert await deliveries.nothing_within(quiet)
+    finally:
+        await deliveries.close()
 
 
 async def kept_dead_letters(app: QueueTasks, count: int) -> list[DeadLetter]:
