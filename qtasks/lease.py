@@ -39,8 +39,7 @@ class Lease(Delivery):
         if self.settling:
             return False
         lost = [held for held in self.deliveries if held.lost]
-        self.deliveries = [held for held in self.deliveries if not held.lost]
-        self.deliveries.append(delivery)
+        self.deliveries = [held for held in self.deliveries if held not in lost] + [delivery]
         for held in lost:
             try:
                 await held.let_go()
@@ -48,48 +47,34 @@ class Lease(Delivery):
                 log.warning("letting go of a lost delivery failed: %s", exc)
         return True
 
-    async def _settle(self, first: Callable[[Delivery], Awaitable[None]],
-                      rest: Callable[[Delivery], Awaitable[None]]) -> None:
+    async def _settle(self, outcome: Callable[[Delivery], Awaitable[None]],
+                      others: Callable[[Delivery], Awaitable[None]] | None = None) -> None:
+        """``outcome`` for the newest delivery, then ``others`` (default: the same) for
+        each older one."""
         self.settling = True
         newest, *older = reversed(self.deliveries)
-        await first(newest)
+        await outcome(newest)
         for delivery in older:
             try:
-                await rest(delivery)
+                await (others or outcome)(delivery)
             except Exception as exc:  # an older lease: its failure must not undo the outcome
                 log.warning("settling an earlier delivery of the same task failed: %s", exc)
 
     async def ack(self) -> None:
-        await self._settle(_ack, _ack)
+        await self._settle(lambda delivery: delivery.ack())
 
     async def requeue(self) -> None:
-        await self._settle(_requeue, _requeue)
+        await self._settle(lambda delivery: delivery.requeue())
 
     async def retry_later(self, delay: float) -> None:
-        async def later(delivery: Delivery) -> None:
-            await delivery.retry_later(delay)
-
-        await self._settle(later, later)
+        await self._settle(lambda delivery: delivery.retry_later(delay))
 
     async def dead_letter(self, reason: str) -> None:
         """One dead letter, not one per copy: the others are settled as done with."""
-        async def dead(delivery: Delivery) -> None:
-            await delivery.dead_letter(reason)
-
-        await self._settle(dead, _ack)
+        await self._settle(lambda delivery: delivery.dead_letter(reason),
+                           lambda delivery: delivery.ack())
 
     async def keep_alive(self) -> None:
         for delivery in self.deliveries:
             await delivery.keep_alive()
 
-    @property
-    def lost(self) -> bool:
-        return all(delivery.lost for delivery in self.deliveries)
-
-
-async def _ack(delivery: Delivery) -> None:
-    await delivery.ack()
-
-
-async def _requeue(delivery: Delivery) -> None:
-    await delivery.requeue()
