@@ -319,7 +319,7 @@ class Worker:
             if wait > 0.001:
                 if self.revoked.reason(message.id) is not None:
                     # Now, not when due: by then this worker may have forgotten the request.
-                    await self._end_cancelled(lease, message)
+                    await self._end_cancelled(lease, message, schema)
                 else:
                     await lease.retry_later(wait)
                 return
@@ -328,7 +328,7 @@ class Worker:
         # No await from this check until the task is registered as executing, so a
         # cancel request is either seen here or interrupts the run.
         if self.revoked.reason(message.id) is not None:
-            await self._end_cancelled(lease, message)
+            await self._end_cancelled(lease, message, schema)
             return
         await self._run(lease, message, schema)
 
@@ -370,12 +370,13 @@ class Worker:
                       message.id, exc)
             await delivery.dead_letter(reason)
 
-    async def _end_cancelled(self, delivery: Delivery, message: TaskMessage) -> None:
+    async def _end_cancelled(self, delivery: Delivery, message: TaskMessage,
+                             schema: TaskExecSchema) -> None:
         """A task cancelled before it started: its final says so, and it never runs."""
         log.info("task %s %s was cancelled before it started", message.task, message.id)
         base = self._event("final", message, time.time())
         await self._finish(delivery, message, base, TaskStatus.CANCELLED, None,
-                           self._cancelled(message, "before it started"))
+                           self._cancelled(message, "before it started"), schema.result_ttl)
 
     def _cancelled(self, message: TaskMessage, when: str) -> ErrorInfo:
         """The final's error for a task ended by a cancel request, with its reason."""
@@ -462,15 +463,15 @@ class Worker:
             await self._retry(delivery, message, schema, base, failed_attempt, reply_to)
             return
         await self._finish(delivery, message, replace(base, partials=seq), status, returning,
-                           error)
+                           error, schema.result_ttl)
 
     async def _finish(self, delivery: Delivery, message: TaskMessage, base: ResultEvent,
                       status: TaskStatus, returning: Any, error: ErrorInfo | None,
+                      ttl: float | None = None,
                       settle: Callable[[], Awaitable[None]] | None = None) -> None:
-        """Publish the final (durable), then settle the message (``ack`` by default)."""
+        """Publish the final (durable; readable for ``ttl`` seconds when set), then settle
+        the message (``ack`` by default)."""
         now = time.time()
-        schema = self.app.registry.get(message.task)
-        ttl = schema.result_ttl if schema is not None else None
         final = replace(base, kind="final", status=status.value, returning=returning,
                         error=error, finished_at=now, ts=now,
                         expires_at=None if ttl is None else now + ttl)

@@ -325,7 +325,7 @@ async def test_memory_store_keeps_at_most_max_tasks_finished_tasks() -> None:
     with pytest.raises(ConfigurationError, match="max_tasks"):
         MemoryResultStore("memory://?max_tasks=0")
     # One URL serves both; a typo is an error, not a silent default.
-    assert MemoryBroker("memory://?ttl=5&max_tasks=3").url.endswith("max_tasks=3")
+    MemoryBroker("memory://?ttl=5&max_tasks=3")  # the store's options: accepted
     with pytest.raises(ConfigurationError, match=r"unknown memory:// option\(s\) max_task;"):
         QueueTasks(broker="memory://?max_task=3")
     with pytest.raises(ConfigurationError, match="bad memory:// option value"):
