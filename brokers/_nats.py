@@ -155,13 +155,17 @@ def _connect_kwargs(options: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+#: What to install for NKeys and JWT credentials, wherever their absence is found.
+NKEYS_HINT = "pip install 'nats-py[nkeys]' (qtasks[nats] includes it)"
+
+
 def _require_nkeys(option: str) -> None:
     try:
         importlib.import_module("nkeys")  # what nats-py imports to sign with a seed
     except ImportError as exc:
         raise ConfigurationError(
             f"NATS option {option} needs the nkeys package, which is missing ({exc}): "
-            "pip install 'nats-py[nkeys]' (qtasks[nats] includes it)") from None
+            f"{NKEYS_HINT}") from None
 
 
 def _readable(option: str, path: str) -> None:
@@ -206,7 +210,7 @@ def configuration_problem(exc: BaseException) -> str | None:
         return None
     if isinstance(exc, ImportError):
         return (f"{exc}: NKeys and JWT credentials (options creds, nkeys_seed) need "
-                "pip install 'nats-py[nkeys]'")
+                f"{NKEYS_HINT}")
     return f"{type(exc).__name__}: {exc}"
 
 

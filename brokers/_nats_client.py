@@ -14,6 +14,7 @@ from typing import Any
 
 import nats.errors
 from nats.aio.client import Client
+from nats.protocol.command import hpub_cmd
 
 
 class PlaintextServerError(nats.errors.Error):
@@ -89,10 +90,8 @@ class CoalescingClient(Client):
         if not self.is_connected and (self._max_pending_size <= 0 or len(payload)
                                       + self._pending_data_size > self._max_pending_size):
             raise nats.errors.OutboundBufferLimitError
-        header = f"NATS/1.0\r\n{lines}\r\n".encode()  # sizes below count bytes
-        command = b"".join((
-            f"HPUB {subject} {reply} {len(header)} {len(header) + len(payload)}\r\n".encode(),
-            header, payload, b"\r\n"))
+        header = f"NATS/1.0\r\n{lines}\r\n".encode()  # sizes count bytes, not characters
+        command = hpub_cmd(subject, reply, header, payload)
         self.stats["out_msgs"] += 1
         self.stats["out_bytes"] += len(payload)
         await self._send_command(command)
@@ -104,10 +103,14 @@ class CoalescingClient(Client):
         in its buffer; a PONG must prove the server processed everything sent before
         (``Connection.barrier``), so the buffer goes first."""
         if self._pending_data_size > 0 and self._transport is not None and self.is_connected:
-            self._transport.writelines(self._pending[:])
-            self._pending = []
-            self._pending_data_size = 0
+            self._write_pending()
         await super()._send_ping(future)
+
+    def _write_pending(self) -> None:
+        """Hand every buffered command to the transport, as nats-py's flusher does."""
+        self._transport.writelines(self._pending[:])  # type: ignore[union-attr]
+        self._pending = []
+        self._pending_data_size = 0
 
     async def _flusher(self) -> None:
         while self.is_connected and not self.is_connecting:
@@ -115,9 +118,7 @@ class CoalescingClient(Client):
             try:
                 await asyncio.sleep(0)
                 if self._pending_data_size > 0:
-                    self._transport.writelines(self._pending[:])  # type: ignore[union-attr]
-                    self._pending = []
-                    self._pending_data_size = 0
+                    self._write_pending()
                     await self._transport.drain()  # type: ignore[union-attr]
             except OSError as exc:
                 await self._error_cb(exc)

@@ -137,18 +137,10 @@ class PrivateServer:
 @contextlib.contextmanager
 def private_server(directory: str, config: str = "", jetstream: bool = True) -> Iterator[int]:
     """A throw-away ``PrivateServer``, stopped afterwards; yields its port."""
-    with running_private_server(directory, config, jetstream) as server:
-        yield server.port
-
-
-@contextlib.contextmanager
-def running_private_server(directory: str, config: str = "",
-                           jetstream: bool = True) -> Iterator[PrivateServer]:
-    """A started ``PrivateServer``, stopped afterwards."""
     server = PrivateServer(directory, config, jetstream)
     server.start()
     try:
-        yield server
+        yield server.port
     finally:
         server.stop()
 

@@ -509,7 +509,8 @@ class NatsResultStore(ResultStore):
             # Read after subscribing: a final the bucket lacks now reaches the stream
             # later (the bucket is written first), where this consumer will see it.
             stored = await self._stored_final(task_id)
-            if stored is not None and await _nothing_stored(inbox.sub):
+            # Messages already in: the stream has some, and ``_caught_up`` decides.
+            if stored is not None and not inbox.items and await _nothing_stored(inbox.sub):
                 yield stored
                 return
             newest_attempt = 0
