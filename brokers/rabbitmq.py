@@ -232,9 +232,7 @@ class RabbitMQDelivery(Delivery):
         return bool(self._acks.channel.is_closed)
 
     async def let_go(self) -> None:
-        if not self._settled:
-            self._settled = True
-            self._on_settled()
+        await self._settle("let go of", _nothing)  # its channel is gone: nothing to send
 
     async def keep_alive(self) -> None:
         """RabbitMQ leases a delivery for as long as the channel lives, except that 3.10
@@ -779,3 +777,7 @@ def _dead_letter(message: AbstractIncomingMessage) -> DeadLetter:
 
 def _text(value: object) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+async def _nothing() -> None:
+    return None

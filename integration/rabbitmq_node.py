@@ -27,7 +27,6 @@ from integration.net import free_port, reachable
 class RabbitNode:
     name: str
     tcp_port: int
-    base: Path  # its directory: configuration, data, logs
 
     @property
     def url(self) -> str:
@@ -54,12 +53,7 @@ def private_rabbitmq(config: str = "", advanced: str = "", wait_port: int | None
     server = shutil.which("rabbitmq-server")
     if server is None:
         raise RuntimeError("rabbitmq-server is not on PATH")
-    yield from _run_node(server, base or node_directory(), config, advanced, wait_port,
-                         timeout)
-
-
-def _run_node(server: str, base: Path, config: str, advanced: str, wait_port: int | None,
-              timeout: float) -> Iterator[RabbitNode]:
+    base = base or node_directory()
     name = f"qt{uuid.uuid4().hex[:8]}@localhost"
     tcp_port, dist_port = free_port(), free_port()
     for sub in ("mnesia", "log"):
@@ -100,7 +94,7 @@ def _run_node(server: str, base: Path, config: str, advanced: str, wait_port: in
                 output = (base / "server.out").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"the private RabbitMQ node did not start:\n{output}")
             time.sleep(0.2)
-        yield RabbitNode(name, tcp_port, base)
+        yield RabbitNode(name, tcp_port)
     finally:
         with contextlib.suppress(Exception):
             subprocess.run(["rabbitmqctl", "-n", name, "stop"], capture_output=True,

@@ -85,6 +85,18 @@ def consumer_prefetch(queue: str) -> list[int]:
                                            if "\t" in line) if name == queue]
 
 
+#: Bound of every wait on the server's figures.
+DEADLINE = 30.0
+
+
+async def until_queue_figure(queue: str, column: str, value: int) -> None:
+    """Until ``queue_figure(queue, column)`` is ``value`` (RabbitMQ has no event for it;
+    bounded by ``DEADLINE``)."""
+    async with asyncio.timeout(DEADLINE):
+        while await asyncio.to_thread(queue_figure, queue, column) != value:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+
 def connection_figure(name: str, column: str) -> str:
     """One ``rabbitmqctl list_connections`` column (``timeout``: the negotiated heartbeat,
     ``client_properties``, ...) of the connection whose name starts with ``name``."""
@@ -120,12 +132,7 @@ async def delete_namespace(url: str, prefix: str) -> None:
 def close_connection(name: str) -> None:
     """Close, from the server side, the connection a client named ``name`` (what a
     network cut or a node failover does to it)."""
-    out = rabbitmqctl("list_connections", "pid", "client_properties", "--quiet",
-                      "--no-table-headers")
-    pids = [line.split("\t")[0] for line in out.splitlines() if f'"{name}"' in line]
-    if len(pids) != 1:
-        raise AssertionError(f"expected one connection named {name!r}, found {pids}")
-    rabbitmqctl("close_connection", pids[0], "closed by a test")
+    rabbitmqctl("close_connection", connection_figure(name, "pid"), "closed by a test")
 
 
 async def restart_rabbitmq(base_url: str) -> None:
