@@ -385,8 +385,8 @@ def backend_available(backend: str) -> str | None:
     """None when the backend's modules import; else why not."""
     if backend == "memory":
         return None
-    modules = {"rabbitmq": ("brokers.rabbitmq", "results.rabbitmq", "aio_pika"),
-               "nats": ("brokers.nats", "results.nats", "nats")}[backend]
+    modules = {"rabbitmq": ("qtasks.brokers.rabbitmq", "qtasks.results.rabbitmq", "aio_pika"),
+               "nats": ("qtasks.brokers.nats", "qtasks.results.nats", "nats")}[backend]
     code = "; ".join(f"import {m}" for m in modules)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)

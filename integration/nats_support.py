@@ -22,9 +22,9 @@ import nkeys
 import orjson
 from nats.js.errors import NotFoundError
 
-from brokers.nats import NatsBroker
 from integration.net import free_port
-from results.nats import NatsResultStore
+from qtasks.brokers.nats import NatsBroker
+from qtasks.results.nats import NatsResultStore
 from tests.contract import Backend
 
 

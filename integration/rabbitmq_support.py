@@ -27,10 +27,10 @@ import orjson
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import ChannelLockedResource
 
-from brokers._amqp import AmqpSettings
-from brokers.rabbitmq_control import control_exchange
 from integration.processes import ROOT
 from qtasks import QueueTasks
+from qtasks.brokers.rabbitmq.connection import AmqpSettings
+from qtasks.brokers.rabbitmq.control import control_exchange
 
 
 def url_with(url: str, **options: object) -> str:

@@ -164,8 +164,9 @@ def test_compose_services_run_as_configured(broker: str, image: Path, prefix: st
 def test_the_image_runs_the_installed_package(image: Path) -> None:
     """The package in the image's environment is the installed one, with its script."""
     python = image / "venv" / "bin" / "python"
-    done = subprocess.run([str(python), "-c", "import qtasks, brokers.rabbitmq, "
-                           "brokers.nats, results.rabbitmq, results.nats; print(qtasks.__file__)"],
+    done = subprocess.run([str(python), "-c", "import qtasks, qtasks.brokers.rabbitmq, "
+                           "qtasks.brokers.nats, qtasks.results.rabbitmq, "
+                           "qtasks.results.nats; print(qtasks.__file__)"],
                           cwd=image / "app", capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(str(image / "venv")) and "site-packages" in done.stdout

@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from brokers.nats import NatsBroker
-from brokers.rabbitmq import RabbitMQBroker
 from integration import nats_support, rabbitmq_support
-from results.nats import NatsResultStore
-from results.rabbitmq import RabbitMQResultStore
+from qtasks.brokers.nats import NatsBroker
+from qtasks.brokers.rabbitmq import RabbitMQBroker
+from qtasks.results.nats import NatsResultStore
+from qtasks.results.rabbitmq import RabbitMQResultStore
 from tests.contract import Backend, BackendContract
 
 

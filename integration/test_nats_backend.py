@@ -17,9 +17,6 @@ import nats
 import orjson
 import pytest
 
-from brokers._nats import parse_url, redact, token
-from brokers._nats_client import CoalescingClient
-from brokers.nats import NatsBroker
 from integration.conftest import require_tools
 from integration.nats_support import (
     PrivateServer,
@@ -39,8 +36,11 @@ from qtasks import (
     TaskStatus,
     Worker,
 )
+from qtasks.brokers.nats import NatsBroker
+from qtasks.brokers.nats.client import CoalescingClient
+from qtasks.brokers.nats.connection import parse_url, redact, token
 from qtasks.protocol import ResultEvent, TaskMessage, decode_result, encode, uuid7
-from results.nats import NatsResultStore
+from qtasks.results.nats import NatsResultStore
 from tests.contract import (
     Drain,
     check_copies_join_the_run,

@@ -17,7 +17,6 @@ import pytest
 from aio_pika.exceptions import ChannelInvalidStateError
 from aiormq import spec
 
-from brokers.rabbitmq import RabbitMQBroker, RabbitMQDelivery
 from integration.conftest import require_tools
 from integration.rabbitmq_node import private_rabbitmq
 from integration.rabbitmq_support import (
@@ -40,8 +39,9 @@ from qtasks import (
     TaskMessage,
     TaskStatus,
 )
+from qtasks.brokers.rabbitmq import RabbitMQBroker, RabbitMQDelivery
 from qtasks.protocol import ResultEvent, encode, uuid7
-from results.rabbitmq import RabbitMQResultStore
+from qtasks.results.rabbitmq import RabbitMQResultStore
 from tests.contract import Drain, check_copies_join_the_run, running_worker, three_readers
 
 DEADLINE = 30.0

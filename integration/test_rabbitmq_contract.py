@@ -6,9 +6,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from brokers.rabbitmq import RabbitMQBroker
 from integration.rabbitmq_support import delete_namespace
-from results.rabbitmq import RabbitMQResultStore
+from qtasks.brokers.rabbitmq import RabbitMQBroker
+from qtasks.results.rabbitmq import RabbitMQResultStore
 from tests.contract import Backend, BackendContract
 
 

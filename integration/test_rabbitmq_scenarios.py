@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from brokers.rabbitmq import RabbitMQBroker
 from integration.apps import open_gate
 from integration.processes import WorkerProcess, workers
 from integration.rabbitmq_support import (
@@ -23,7 +22,8 @@ from integration.rabbitmq_support import (
     restart_rabbitmq,
 )
 from qtasks import QTasksError, Task, TaskStatus
-from results.rabbitmq import RabbitMQResultStore
+from qtasks.brokers.rabbitmq import RabbitMQBroker
+from qtasks.results.rabbitmq import RabbitMQResultStore
 
 DEADLINE = 60.0
 

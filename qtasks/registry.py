@@ -20,18 +20,18 @@ Kind = Literal["brokers", "results"]
 
 _BUILTIN: dict[Kind, dict[str, str]] = {
     "brokers": {
-        "memory": "brokers.memory:MemoryBroker",
-        "amqp": "brokers.rabbitmq:RabbitMQBroker",
-        "amqps": "brokers.rabbitmq:RabbitMQBroker",
-        "nats": "brokers.nats:NatsBroker",
-        "tls": "brokers.nats:NatsBroker",
+        "memory": "qtasks.brokers.memory:MemoryBroker",
+        "amqp": "qtasks.brokers.rabbitmq:RabbitMQBroker",
+        "amqps": "qtasks.brokers.rabbitmq:RabbitMQBroker",
+        "nats": "qtasks.brokers.nats:NatsBroker",
+        "tls": "qtasks.brokers.nats:NatsBroker",
     },
     "results": {
-        "memory": "results.memory:MemoryResultStore",
-        "amqp": "results.rabbitmq:RabbitMQResultStore",
-        "amqps": "results.rabbitmq:RabbitMQResultStore",
-        "nats": "results.nats:NatsResultStore",
-        "tls": "results.nats:NatsResultStore",
+        "memory": "qtasks.results.memory:MemoryResultStore",
+        "amqp": "qtasks.results.rabbitmq:RabbitMQResultStore",
+        "amqps": "qtasks.results.rabbitmq:RabbitMQResultStore",
+        "nats": "qtasks.results.nats:NatsResultStore",
+        "tls": "qtasks.results.nats:NatsResultStore",
     },
 }
 

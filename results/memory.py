@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
-from brokers.memory import memory_options, subscription
+from qtasks.brokers.memory import memory_options, subscription
 from qtasks.errors import ConfigurationError
 from qtasks.interfaces import ResultStore
 from qtasks.protocol import ResultEvent

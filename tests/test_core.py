@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from brokers.memory import MemoryBroker
 from qtasks import (
     AsyncTaskExecutor,
     ConfigurationError,
@@ -24,9 +23,10 @@ from qtasks import (
     TaskStatus,
     Worker,
 )
+from qtasks.brokers.memory import MemoryBroker
 from qtasks.protocol import ResultEvent, encode
 from qtasks.registry import broker_from_url, redact, results_from_url
-from results.memory import MemoryResultStore
+from qtasks.results.memory import MemoryResultStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -161,7 +161,7 @@ def test_third_party_backends_register_through_entry_points(
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: qtasks-plugin\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text(
         "[qtasks.brokers]\nplugin = tests.test_core:PluginBroker\n"
-        "[qtasks.results]\nplugin = results.memory:MemoryResultStore\n")
+        "[qtasks.results]\nplugin = qtasks.results.memory:MemoryResultStore\n")
     with pytest.raises(ConfigurationError, match=r"qtasks\.brokers' entry-point group"):
         broker_from_url("plugin://before")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -202,7 +202,7 @@ async def test_memory_results_expire_on_time_without_other_traffic() -> None:
 
 def test_the_core_imports_no_broker_library() -> None:
     code = ("import sys, qtasks, qtasks.cli, qtasks.worker, qtasks.operator, qtasks.sync, "
-            "qtasks.demo, brokers.memory, results.memory\n"
+            "qtasks.demo, qtasks.brokers.memory, qtasks.results.memory\n"
             "app = qtasks.QueueTasks()\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('aio_pika', 'aiormq', 'pamqp', 'nats')))")

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from brokers.memory import MemoryBroker
-from results.memory import MemoryResultStore
+from qtasks.brokers.memory import MemoryBroker
+from qtasks.results.memory import MemoryResultStore
 from tests.contract import Backend, BackendContract
 
 

@@ -43,7 +43,7 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
-from brokers._nats import Connection, number, parse_url, token
+from qtasks.brokers.nats.connection import Connection, number, parse_url, token
 from qtasks.errors import ConfigurationError, MessageTooLargeError
 from qtasks.interfaces import Broker, DeadLetter, Delivery, QueueStats
 from qtasks.protocol import TaskMessage

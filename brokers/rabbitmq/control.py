@@ -16,7 +16,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustC
 from aio_pika.abc import AbstractRobustConnection as Connection
 from aiormq import spec
 
-from brokers._amqp import AmqpSettings, quietly, retrying, send
+from qtasks.brokers.rabbitmq.connection import AmqpSettings, quietly, retrying, send
 
 
 def control_exchange(settings: AmqpSettings) -> str:

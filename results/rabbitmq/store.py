@@ -51,7 +51,7 @@ from aio_pika.abc import (
 from aiormq import spec
 from aiormq.abc import DeliveredMessage
 
-from brokers._amqp import (
+from qtasks.brokers.rabbitmq.connection import (
     AmqpSettings,
     connect,
     connection_name,

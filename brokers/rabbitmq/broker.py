@@ -40,8 +40,8 @@ from aio_pika.exceptions import ChannelClosed, ChannelInvalidStateError, Publish
 from aiormq import spec
 from aiormq.abc import AbstractChannel, DeliveredMessage
 
-from brokers import rabbitmq_control
-from brokers._amqp import (
+from qtasks.brokers.rabbitmq import control as rabbitmq_control
+from qtasks.brokers.rabbitmq.connection import (
     DELAY_QUEUE_IDLE_MS,
     DELAY_REDECLARE_S,
     AmqpSettings,
@@ -462,7 +462,7 @@ class _Consumer:
 
 class RabbitMQBroker(Broker):
     """Tasks over RabbitMQ. ``RabbitMQBroker("amqp://user:pass@host/vhost?prefix=app")``;
-    options in the URL query or as keywords (see ``brokers._amqp.AmqpSettings``)."""
+    options in the URL query or as keywords (see ``connection.AmqpSettings``)."""
 
     #: The worker calls ``keep_alive`` this often; here only to warn before RabbitMQ's
     #: ``consumer_timeout`` (the lease itself lasts as long as the channel).

@@ -4,7 +4,7 @@ Layout (all names derive from ``prefix``, see ``docs/nats.md``):
 
 - stream ``{prefix}_RESULTS`` captures ``{prefix}.results.>`` with ``max_age`` = ``ttl``;
   every event of a task is published on ``{prefix}.results.<reply>.<task>.<id>`` (each
-  encoded with ``brokers._nats.token``; ``<reply>`` is the submitter's ``reply_address``,
+  encoded with ``connection.token``; ``<reply>`` is the submitter's ``reply_address``,
   ``_`` if it gave none), so one task is one subject, one task name one wildcard, and a
   submitter receives the results of everything it submitted through one subscription;
 - KV bucket ``{prefix}_status`` (stream ``KV_{prefix}_status``) keeps, under the encoded
@@ -47,7 +47,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
 from nats.js.kv import KeyValue
 
-from brokers._nats import Connection, number, parse_url, token
+from qtasks.brokers.nats.connection import Connection, number, parse_url, token
 from qtasks.errors import MessageDecodeError, MessageTooLargeError
 from qtasks.interfaces import ResultStore
 from qtasks.protocol import (

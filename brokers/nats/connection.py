@@ -1,8 +1,8 @@
 """What the NATS broker and the NATS result store share: URL and option parsing, one
 connection with reconnect bookkeeping, name encoding and retrying of JetStream calls.
 
-Private to ``brokers.nats`` and ``results.nats``. Names and options are documented in
-``docs/nats.md``.
+Private to ``qtasks.brokers.nats`` and ``qtasks.results.nats``. Names and options are
+documented in ``docs/nats.md``.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
-from brokers._nats_client import CoalescingClient, PlaintextServerError
-from brokers._nats_pubacks import PubAcks
+from qtasks.brokers.nats.client import CoalescingClient, PlaintextServerError
+from qtasks.brokers.nats.pubacks import PubAcks
 from qtasks.errors import BrokerUnavailableError, ConfigurationError
 
 log = logging.getLogger("qtasks.nats")

@@ -31,7 +31,7 @@ import orjson
 from nats.aio.msg import Msg
 from nats.js.api import Header
 
-from brokers._nats_client import CoalescingClient
+from qtasks.brokers.nats.client import CoalescingClient
 
 #: Header naming the stream a publish must land in (JetStream refuses it otherwise).
 EXPECTED_STREAM = Header.EXPECTED_STREAM.value
