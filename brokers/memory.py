@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 from qtasks.errors import ConfigurationError
-from qtasks.interfaces import Broker, DeadLetter, Delivery, QueueStats
+from qtasks.interfaces import Broker, DeadLetter, Delivery, QueueStats, dead_letter_ref
 from qtasks.protocol import TaskMessage
 
 T = TypeVar("T")
@@ -157,9 +157,8 @@ class MemoryDelivery(Delivery):
 
     async def dead_letter(self, reason: str) -> None:
         if self._settle():
-            hub = self.broker.hub
-            ref = str(next(hub.order))
-            hub.dead.append(DeadLetter(ref, self.queue, self.body, reason, time.time()))
+            self.broker.hub.dead.append(DeadLetter(
+                dead_letter_ref(self.body), self.queue, self.body, reason, time.time()))
 
 
 class MemoryBroker(Broker):
@@ -214,12 +213,15 @@ class MemoryBroker(Broker):
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         return self.hub.dead[:limit]
 
-    async def requeue_dead(self, refs: Sequence[str] | None = None) -> int:
+    async def dead_count(self) -> int:
+        return len(self.hub.dead)
+
+    async def requeue_dead(self, refs: Sequence[str] | None = None) -> list[str]:
         chosen = [d for d in self.hub.dead if refs is None or d.ref in refs]
         for letter in chosen:
             self.hub.dead.remove(letter)
             await self.hub.put(letter.queue, letter.body, 0, None)
-        return len(chosen)
+        return [letter.ref for letter in chosen]
 
     async def purge_dead(self) -> int:
         count = len(self.hub.dead)

@@ -38,8 +38,9 @@ from qtasks import (
 )
 from qtasks.brokers.nats import NatsBroker
 from qtasks.brokers.nats.client import CoalescingClient
-from qtasks.brokers.nats.connection import parse_url, redact, token
+from qtasks.brokers.nats.connection import parse_url, token
 from qtasks.protocol import ResultEvent, TaskMessage, decode_result, encode, uuid7
+from qtasks.registry import redact
 from qtasks.results.nats import NatsResultStore
 from tests.contract import (
     Drain,

@@ -12,6 +12,11 @@ class ConfigurationError(QTasksError):
     the backend does not support). Raised before anything is published."""
 
 
+class NotSupportedError(QTasksError, NotImplementedError):
+    """The backend cannot do this at all (an optional operation it does not offer, such
+    as cancelling on a broker without broadcast). Also a ``NotImplementedError``."""
+
+
 class MessageEncodeError(QTasksError, TypeError):
     """A task's arguments or a result cannot be encoded as JSON."""
 

@@ -13,10 +13,12 @@ broker hands the message to another worker. Consumers de-duplicate results by
 from __future__ import annotations
 
 import abc
+import hashlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from qtasks.errors import NotSupportedError
 from qtasks.protocol import ResultEvent, TaskMessage
 
 
@@ -43,11 +45,21 @@ class QueueStats:
 class DeadLetter:
     """A message that was taken out of circulation, with why (``qtasks dead list``)."""
 
-    ref: str  # the backend's handle for it, for requeue
+    #: Its handle for ``requeue_dead``: ``dead_letter_ref(body)`` on every backend, so an
+    #: operator's refs look alike whatever the broker.
+    ref: str
     queue: str
     body: bytes
     reason: str
     at: float | None = None
+
+
+def dead_letter_ref(body: bytes) -> str:
+    """A dead letter's ref: the first 16 hex digits of the SHA-1 of its body. Computed
+    from the bytes alone, so any backend can give it to any message (one that could not
+    even be decoded), and the same on every broker; two byte-identical dead letters share
+    it, and are requeued together."""
+    return hashlib.sha1(body, usedforsecurity=False).hexdigest()[:16]
 
 
 class Delivery(abc.ABC):
@@ -165,31 +177,37 @@ class Broker(abc.ABC):
         """Send ``body`` (an encoded ``ControlMessage``) to every worker subscribed to
         ``control`` now. Not stored: a worker that subscribes later, or is disconnected
         at that moment, does not get it. Returns once the broker has it."""
-        raise NotImplementedError(f"{type(self).__name__} cannot broadcast to workers")
+        raise NotSupportedError(f"{type(self).__name__} cannot broadcast to workers")
 
     async def control(self) -> AsyncIterator[bytes]:
         """Subscribe to ``broadcast``; returns once the subscription is active, so that
         nothing broadcast afterwards is missed while connected. The iterator follows
         reconnects and unsubscribes when closed."""
-        raise NotImplementedError(f"{type(self).__name__} cannot broadcast to workers")
+        raise NotSupportedError(f"{type(self).__name__} cannot broadcast to workers")
 
     # -- operations: optional, for the operator CLI ------------------------------------
 
     async def inspect(self, queues: Sequence[str]) -> list[QueueStats]:
         """Depth, in-flight count and consumers of each queue, as far as the broker tells."""
-        raise NotImplementedError(f"{type(self).__name__} cannot inspect queues")
+        raise NotSupportedError(f"{type(self).__name__} cannot inspect queues")
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """The oldest ``limit`` dead letters, left in place."""
-        raise NotImplementedError(f"{type(self).__name__} cannot list dead letters")
+        raise NotSupportedError(f"{type(self).__name__} cannot list dead letters")
 
-    async def requeue_dead(self, refs: Sequence[str] | None = None) -> int:
-        """Put dead letters (all, or those with ``refs``) back on their queue; how many."""
-        raise NotImplementedError(f"{type(self).__name__} cannot requeue dead letters")
+    async def dead_count(self) -> int:
+        """How many dead letters there are, from the broker's own count (not by reading
+        them)."""
+        raise NotSupportedError(f"{type(self).__name__} cannot count dead letters")
+
+    async def requeue_dead(self, refs: Sequence[str] | None = None) -> list[str]:
+        """Put dead letters (all, or those whose ref is in ``refs``) back on their queue;
+        the refs of those requeued, so that a caller can name a ref that was not found."""
+        raise NotSupportedError(f"{type(self).__name__} cannot requeue dead letters")
 
     async def purge_dead(self) -> int:
         """Delete every dead letter; how many were deleted."""
-        raise NotImplementedError(f"{type(self).__name__} cannot purge dead letters")
+        raise NotSupportedError(f"{type(self).__name__} cannot purge dead letters")
 
 
 class ResultStore(abc.ABC):

@@ -12,6 +12,7 @@ Unix seconds as floats, which every language reads.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -21,6 +22,8 @@ from typing import Any, Literal
 import orjson
 
 from qtasks.errors import MessageDecodeError, MessageEncodeError, MessageTooLargeError
+
+log = logging.getLogger(__name__)
 
 VERSION = 1
 
@@ -102,13 +105,6 @@ class ErrorInfo:
 
     def to_dict(self) -> dict[str, str]:
         return {"type": self.type, "message": self.message, "traceback": self.traceback}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> ErrorInfo | None:
-        if data is None:
-            return None
-        return cls(str(data.get("type", "")), str(data.get("message", "")),
-                   str(data.get("traceback", "")))
 
 
 @dataclass(slots=True)
@@ -210,11 +206,34 @@ def _describe(message: TaskMessage | ResultEvent | ControlMessage) -> str:
     return f"task {message.task!r} id {message.id}"
 
 
-def _require(data: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+#: JSON's types as the protocol names them, for the decoder's errors.
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "an array",
+               dict: "an object"}
+
+
+def _field(data: dict[str, Any], key: str, kind: type, default: Any = ...) -> Any:
+    """``data[key]``, exactly of the protocol's type: a number written as a string, a bool
+    for a number or a float for an integer is refused, never coerced (a message that needs
+    coercing was not written to the protocol, and running it could do the wrong thing).
+    A JSON integer is a number. Absent or null takes ``default`` when there is one."""
     value = data.get(key)
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
-        raise MessageDecodeError(f"field {key!r} missing or not {kind}: {value!r}")
+    if value is None and default is not ...:
+        return default
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise MessageDecodeError(
+            f"field {key!r} must be {_TYPE_NAMES[kind]}"
+            f"{' or null' if default is None else ''}, not {_json_type(value)} {value!r:.60}")
     return value
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
 
 
 def _load(body: bytes) -> dict[str, Any]:
@@ -231,39 +250,30 @@ def _load(body: bytes) -> dict[str, Any]:
 
 
 def decode_task(body: bytes) -> TaskMessage:
-    """Parse a task message, with an error that says exactly what is wrong with it."""
+    """Parse a task message, with an error that says exactly which field is wrong."""
     data = _load(body)
     if data.get("kind", "task") != "task":
         raise MessageDecodeError(f"expected kind 'task', got {data.get('kind')!r}")
-    args = data.get("args")
-    args = [] if args is None else args
-    kwargs = data.get("kwargs")
-    kwargs = {} if kwargs is None else kwargs
-    if not isinstance(args, list) or not isinstance(kwargs, dict):
-        raise MessageDecodeError("'args' must be a list and 'kwargs' an object")
-    headers = data.get("headers") or {}
-    if not isinstance(headers, dict):
-        raise MessageDecodeError("'headers' must be an object")
-    try:
-        return _task_from(data, args, kwargs, headers)
-    except (TypeError, ValueError) as exc:
-        raise MessageDecodeError(f"a field has the wrong type: {exc}") from exc
-
-
-def _task_from(data: dict[str, Any], args: list[Any], kwargs: dict[str, Any],
-               headers: dict[str, Any]) -> TaskMessage:
+    headers = _field(data, "headers", dict, {})
+    for name, value in headers.items():
+        if not isinstance(value, str):
+            raise MessageDecodeError(
+                f"header {name!r} must be a string, not {_json_type(value)} {value!r:.60}")
+    attempt = _field(data, "attempt", int, 1)
+    if attempt < 1:
+        raise MessageDecodeError(f"field 'attempt' must be 1 or more, not {attempt}")
     return TaskMessage(
-        id=_require(data, "id", str),
-        task=_require(data, "task", str),
-        args=args,
-        kwargs=kwargs,
-        queue=str(data.get("queue") or "default"),
-        priority=int(data.get("priority") or 0),
-        created_at=float(data.get("created_at") or 0.0),
-        attempt=int(data.get("attempt") or 1),
-        max_time=_optional_float(data.get("max_time")),
-        not_before=_optional_float(data.get("not_before")),
-        headers={str(k): str(v) for k, v in headers.items()},
+        id=_field(data, "id", str),
+        task=_field(data, "task", str),
+        args=_field(data, "args", list, []),
+        kwargs=_field(data, "kwargs", dict, {}),
+        queue=_field(data, "queue", str, "default") or "default",
+        priority=_field(data, "priority", int, 0),
+        created_at=_field(data, "created_at", float, 0.0),
+        attempt=attempt,
+        max_time=_field(data, "max_time", float, None),
+        not_before=_field(data, "not_before", float, None),
+        headers=headers,
     )
 
 
@@ -296,43 +306,67 @@ def _result_of(data: dict[str, Any]) -> ResultEvent:
     kind = data.get("kind")
     if kind not in ("status", "partial", "final"):
         raise MessageDecodeError(f"unknown result kind {kind!r}")
-    try:
-        return _result_from(data, kind)
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise MessageDecodeError(f"a field has the wrong type: {exc}") from exc
-
-
-def _result_from(data: dict[str, Any], kind: ResultKind) -> ResultEvent:
+    error = _field(data, "error", dict, None)
     return ResultEvent(
         kind=kind,
-        id=_require(data, "id", str),
-        task=_require(data, "task", str),
-        attempt=int(data.get("attempt") or 1),
-        seq=int(data.get("seq") or 0),
+        id=_field(data, "id", str),
+        task=_field(data, "task", str),
+        attempt=_field(data, "attempt", int, 1),
+        seq=_field(data, "seq", int, 0),
         value=data.get("value"),
-        ts=float(data.get("ts") or 0.0),
-        status=data.get("status"),
+        ts=_field(data, "ts", float, 0.0),
+        status=_field(data, "status", str, None),
         returning=data.get("returning"),
-        error=ErrorInfo.from_dict(data.get("error")),
-        started_at=_optional_float(data.get("started_at")),
-        finished_at=_optional_float(data.get("finished_at")),
-        worker=data.get("worker"),
-        partials=int(data.get("partials") or 0),
-        created_at=_optional_float(data.get("created_at")),
-        expires_at=_optional_float(data.get("expires_at")),
+        error=None if error is None else ErrorInfo(
+            _field(error, "type", str, ""), _field(error, "message", str, ""),
+            _field(error, "traceback", str, "")),
+        started_at=_field(data, "started_at", float, None),
+        finished_at=_field(data, "finished_at", float, None),
+        worker=_field(data, "worker", str, None),
+        partials=_field(data, "partials", int, 0),
+        created_at=_field(data, "created_at", float, None),
+        expires_at=_field(data, "expires_at", float, None),
     )
+
+
+def read_results(body: bytes, source: str) -> list[ResultEvent]:
+    """The events of one result message as a reader takes them: none, and one error
+    logged naming ``source``, when it cannot be decoded. One bad message on a result
+    subject must never stop a reader (``wait``, ``stream``, ``listen``, a replay)."""
+    try:
+        return decode_results(body)
+    except MessageDecodeError as exc:
+        log.error("skipping an undecodable result message (%s): %s", source, exc)
+        return []
+
+
+class PartialOrder:
+    """The reading rule of docs/protocol.md ("Ordering and de-duplication") for one
+    reader of one task: partials by ``(attempt, seq)``, each at most once and never one
+    older than the newest taken; a status or final not of an older attempt than that.
+
+    The one rule every reader applies: ``Task.events``/``wait`` and a backend that merges
+    a replay with a live feed. A status or final may be taken again (readers fold them
+    idempotently into the task's state)."""
+
+    __slots__ = ("attempt", "seq")
+
+    def __init__(self) -> None:
+        self.attempt, self.seq = 0, -1
+
+    def take(self, event: ResultEvent) -> bool:
+        """Whether ``event`` is new to this reader (and, for a partial, note it)."""
+        if event.kind != "partial":
+            return event.attempt >= self.attempt
+        if (event.attempt, event.seq) <= (self.attempt, self.seq):
+            return False
+        self.attempt, self.seq = event.attempt, event.seq
+        return True
 
 
 def decode_control(body: bytes) -> ControlMessage:
     data = _load(body)
     if data.get("kind") != "cancel":
         raise MessageDecodeError(f"unknown control kind {data.get('kind')!r}")
-    try:
-        return ControlMessage(id=_require(data, "id", str), ts=float(data.get("ts") or 0.0),
-                              reason=str(data.get("reason") or ""))
-    except (TypeError, ValueError) as exc:
-        raise MessageDecodeError(f"a field has the wrong type: {exc}") from exc
-
-
-def _optional_float(value: Any) -> float | None:
-    return None if value is None else float(value)
+    return ControlMessage(id=_field(data, "id", str), ts=_field(data, "ts", float, 0.0),
+                          reason=_field(data, "reason", str, ""))

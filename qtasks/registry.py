@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from qtasks.errors import ConfigurationError
 from qtasks.interfaces import Broker, ResultStore
@@ -38,13 +38,30 @@ _BUILTIN: dict[Kind, dict[str, str]] = {
 _EXTRA_FOR = {"amqp": "rabbitmq", "amqps": "rabbitmq", "nats": "nats", "tls": "nats"}
 
 
+#: URL query options whose values are secrets (NATS ``token``/``password``, TLS key
+#: passwords): shown as ``***``.
+_SECRET_OPTIONS = frozenset({"password", "token", "keyfile_password", "key_password"})
+
+
 def redact(url: str) -> str:
-    """The URL with its password replaced, fit for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    """The URL, or comma-separated list of URLs, fit for logs and error messages:
+    passwords, bare tokens (``nats://TOKEN@host``) and secret query values replaced by
+    ``***``. The one redaction every backend and the CLI use."""
+    out = []
+    for part in url.split(","):
+        parts = urlsplit(part.strip())
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, host = netloc.rpartition("@")
+            user, sep, _ = userinfo.partition(":")
+            netloc = f"{user}:***@{host}" if sep else f"***@{host}"
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        if netloc == parts.netloc and not any(k in _SECRET_OPTIONS for k, _ in pairs):
+            out.append(part.strip())  # nothing to hide: as written (``memory://`` stays)
+            continue
+        query = "&".join(f"{k}=***" if k in _SECRET_OPTIONS else f"{k}={v}" for k, v in pairs)
+        out.append(urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment)))
+    return ",".join(out)
 
 
 def scheme_of(url: str) -> str:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from qtasks.errors import TaskFailedError, TaskTimeoutError
 from qtasks.interfaces import close_iterator
-from qtasks.protocol import ErrorInfo, ResultEvent
+from qtasks.protocol import ErrorInfo, PartialOrder, ResultEvent
 
 if TYPE_CHECKING:
     from qtasks.app import QueueTasks
@@ -124,26 +124,6 @@ class TaskFunction:
         return f"<TaskFunction {self.schema.name}>"
 
 
-class _Latest:
-    """What one reader of a task has seen, for the rule of docs/protocol.md ("Ordering and
-    de-duplication"): the greatest ``(attempt, seq)`` of its partials."""
-
-    __slots__ = ("attempt", "seq")
-
-    def __init__(self) -> None:
-        self.attempt, self.seq = 0, -1
-
-    def take(self, event: ResultEvent) -> bool:
-        """Whether ``event`` is new to this reader: a partial past the greatest seen, or a
-        status or final not of an older attempt than that partial's."""
-        if event.kind != "partial":
-            return event.attempt >= self.attempt
-        if (event.attempt, event.seq) <= (self.attempt, self.seq):
-            return False
-        self.attempt, self.seq = event.attempt, event.seq
-        return True
-
-
 @dataclass(slots=True)
 class Restarted:
     """Yielded by ``Task.stream()`` when a retry starts over: the values before it belong
@@ -195,7 +175,7 @@ class Task:
         """
         if self.app is None:
             raise RuntimeError("this Task is not bound to an app")
-        latest = _Latest()
+        latest = PartialOrder()
         events = self.app.results_store.watch(self.id)
         try:
             async for event in events:
@@ -230,7 +210,7 @@ class Task:
         if self.app is None:
             raise RuntimeError("this Task is not bound to an app")
         timer = asyncio.timeout(timeout)
-        latest = _Latest()
+        latest = PartialOrder()
         events = self.app.results_store.watch(self.id)
         try:
             # ``events()`` without its generator: a producer waits for every task it sends.

@@ -24,7 +24,12 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from qtasks.cancellation import REVOKE_TTL, Revocations, TaskCancelled
-from qtasks.errors import MessageDecodeError, MessageEncodeError, UnknownTaskError
+from qtasks.errors import (
+    MessageDecodeError,
+    MessageEncodeError,
+    NotSupportedError,
+    UnknownTaskError,
+)
 from qtasks.executors import default_executor
 from qtasks.interfaces import Delivery, close_iterator
 from qtasks.lease import Lease
@@ -171,7 +176,7 @@ class Worker:
         try:
             # Subscribed before consuming: no request for a task this worker takes is missed.
             control: AsyncIterator[bytes] | None = await app.broker.control()
-        except NotImplementedError:
+        except NotSupportedError:
             control = None
         follow = asyncio.create_task(self._follow_control(control), name="qtasks-control")
         follow.add_done_callback(_log_failure)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 
@@ -104,11 +105,44 @@ def test_uuid7_is_time_ordered_and_valid() -> None:
     assert uuid7_time("not-a-uuid") is None
 
 
-def test_wrong_field_types_are_decode_errors() -> None:
-    with pytest.raises(MessageDecodeError, match="wrong type"):
-        decode_task(b'{"v": 1, "id": "a", "task": "t", "priority": "high"}')
-    with pytest.raises(MessageDecodeError, match="wrong type"):
-        decode_result(b'{"v": 1, "kind": "final", "id": "a", "task": "t", "error": 3}')
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("priority", '"high"', "'priority' must be an integer, not a string 'high'"),
+    ("attempt", '"1"', "'attempt' must be an integer, not a string '1'"),
+    ("attempt", "1.0", "'attempt' must be an integer, not a number 1.0"),
+    ("attempt", "0", "'attempt' must be 1 or more"),
+    ("max_time", '"5"', "'max_time' must be a number or null, not a string '5'"),
+    ("not_before", "true", "'not_before' must be a number or null, not a boolean True"),
+    ("created_at", '"now"', "'created_at' must be a number, not a string"),
+    ("queue", "7", "'queue' must be a string, not an integer 7"),
+    ("args", '{"a": 1}', "'args' must be an array"),
+    ("kwargs", "[1]", "'kwargs' must be an object"),
+    ("headers", '{"reply_to": 5}', "header 'reply_to' must be a string"),
+    ("id", "5", "'id' must be a string"),
+])
+def test_a_task_field_of_the_wrong_type_is_refused_not_coerced(
+        field: str, value: str, says: str) -> None:
+    fields = {"v": "1", "id": '"a"', "task": '"t"', field: value}
+    body = ("{" + ",".join(f'"{k}":{v}' for k, v in fields.items()) + "}").encode()
+    with pytest.raises(MessageDecodeError, match=re.escape(says)):
+        decode_task(body)
+
+
+def test_numbers_of_the_right_type_are_taken_as_they_are() -> None:
+    task = decode_task(b'{"v":1,"id":"a","task":"t","max_time":5,"created_at":1,'
+                       b'"not_before":null,"attempt":2,"priority":3,"queue":null}')
+    assert (task.max_time, task.created_at, task.not_before) == (5.0, 1.0, None)
+    assert (task.attempt, task.priority, task.queue) == (2, 3, "default")
+
+
+def test_a_result_field_of_the_wrong_type_is_refused() -> None:
+    for body, says in [
+        (b'{"v":1,"kind":"final","id":"a","task":"t","error":3}', "'error' must be an object"),
+        (b'{"v":1,"kind":"partial","id":"a","task":"t","seq":"2"}', "'seq' must be an integer"),
+        (b'{"v":1,"kind":"final","id":"a","task":"t","status":1}', "'status' must be a string"),
+        (b'{"v":1,"kind":"final","id":"a","task":"t","error":{"type":1}}', "'type' must be"),
+    ]:
+        with pytest.raises(MessageDecodeError, match=re.escape(says)):
+            decode_result(body)
 
 
 def test_cancel_requests_round_trip_and_bad_ones_say_why() -> None:
@@ -116,7 +150,7 @@ def test_cancel_requests_round_trip_and_bad_ones_say_why() -> None:
     assert decode_control(encode(request)) == request
     for body, reason in [(b'{"v":1,"kind":"pause","id":"x"}', "unknown control kind"),
                          (b'{"v":1,"kind":"cancel"}', "'id'"),
-                         (b'{"v":1,"kind":"cancel","id":"x","ts":"soon"}', "wrong type"),
+                         (b'{"v":1,"kind":"cancel","id":"x","ts":"soon"}', "'ts' must be a number"),
                          (b"[]", "not an object")]:
         with pytest.raises(MessageDecodeError, match=reason):
             decode_control(body)

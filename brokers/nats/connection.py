@@ -30,6 +30,7 @@ from nats.js.api import StreamConfig
 from qtasks.brokers.nats.client import CoalescingClient, PlaintextServerError
 from qtasks.brokers.nats.pubacks import PubAcks
 from qtasks.errors import BrokerUnavailableError, ConfigurationError
+from qtasks.registry import redact
 
 log = logging.getLogger("qtasks.nats")
 
@@ -45,7 +46,6 @@ OPTIONS = frozenset({
     "ack_wait", "max_deliver", "max_ack_pending", "fetch_timeout", "dead_letter_ttl",
     "ttl", "expect_timeout", "max_expected",
 })
-_SECRET_OPTIONS = ("password", "token")
 #: The server's -ERR for credentials it does not accept (wrong, expired, revoked).
 _REFUSAL = re.compile(r"authori[sz]ation violation|authentication", re.IGNORECASE)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -68,24 +68,6 @@ def _escape(name: str) -> str:
     if not name:
         return "="
     return "".join(chr(b) if b in _SAFE else f"={b:02X}" for b in name.encode())
-
-
-def redact(url: str) -> str:
-    """Every URL of a (comma-separated) server list with its secrets replaced: passwords,
-    bare tokens (``nats://TOKEN@host``) and ``password``/``token`` query values."""
-    out = []
-    for part in url.split(","):
-        parts = urlsplit(part.strip())
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, _, host = netloc.rpartition("@")
-            user, sep, _ = userinfo.partition(":")
-            netloc = f"{user}:***@{host}" if sep else f"***@{host}"
-        query = "&".join(
-            f"{k}=***" if k in _SECRET_OPTIONS else f"{k}={v}"
-            for k, v in parse_qsl(parts.query, keep_blank_values=True))
-        out.append(urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment)))
-    return ",".join(out)
 
 
 def parse_url(url: str, options: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
