@@ -1,22 +1,26 @@
 """QTasks: an asyncio-first, broker-agnostic task queue that streams every ``yield``."""
 
-from qtasks.app import QueueTasks
-from qtasks.cancellation import TaskCancelled
+from qtasks.app import QueueTasks, TaskFunction
 from qtasks.errors import (
     BrokerUnavailableError,
     ConfigurationError,
     MessageDecodeError,
     MessageEncodeError,
     MessageTooLargeError,
+    NotSupportedError,
+    OptionError,
     QTasksError,
+    TaskCancelled,
     TaskFailedError,
+    TaskTimeLimitExceeded,
     TaskTimeoutError,
     UnknownTaskError,
 )
 from qtasks.executors import AsyncTaskExecutor, BaseTaskExecutor, SyncTaskExecutor
 from qtasks.interfaces import Broker, DeadLetter, Delivery, QueueStats, ResultStore
 from qtasks.protocol import ErrorInfo, ResultEvent, TaskMessage
-from qtasks.task import Restarted, RetryPolicy, Task, TaskExecSchema, TaskFunction, TaskStatus
+from qtasks.schema import RetryPolicy, TaskExecSchema, TaskStatus
+from qtasks.task import Restarted, Task
 from qtasks.worker import Worker
 
 __all__ = [
@@ -31,6 +35,8 @@ __all__ = [
     "MessageDecodeError",
     "MessageEncodeError",
     "MessageTooLargeError",
+    "NotSupportedError",
+    "OptionError",
     "QTasksError",
     "QueueStats",
     "QueueTasks",
@@ -46,6 +52,7 @@ __all__ = [
     "TaskFunction",
     "TaskMessage",
     "TaskStatus",
+    "TaskTimeLimitExceeded",
     "TaskTimeoutError",
     "UnknownTaskError",
     "Worker",

@@ -1,35 +1,28 @@
-"""``QueueTasks``: the application object a producer, a worker and a listener all share."""
+"""``QueueTasks``: the application object a producer, a worker and a listener all share,
+and ``TaskFunction``, what ``@app.task`` puts in place of a function."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, overload
+from typing import Any, overload
 
-from qtasks.errors import ConfigurationError
+from qtasks.errors import ConfigurationError, OptionError
 from qtasks.executors import BaseTaskExecutor
 from qtasks.interfaces import Broker, ResultStore, close_iterator
-from qtasks.protocol import (
-    DEFAULT_MAX_MESSAGE_SIZE,
-    ControlMessage,
-    ResultEvent,
-    TaskMessage,
-    encode,
-    uuid7,
-)
+from qtasks.options import SendOptions, check_arguments, colliding_parameters
+from qtasks.protocol import DEFAULT_MAX_MESSAGE_SIZE, ResultEvent, TaskMessage, uuid7
 from qtasks.registry import broker_from_url, redact, results_from_url
+from qtasks.runtime import Runtime
+from qtasks.schema import ExecutorClass, RetryPolicy, TaskExecSchema, TaskStatus
 from qtasks.signing import Signer
-from qtasks.task import RetryPolicy, Task, TaskExecSchema, TaskFunction, TaskStatus
-
-if TYPE_CHECKING:
-    from qtasks.sync import SyncApp
-
-log = logging.getLogger("qtasks")
+from qtasks.sync import SyncApp
+from qtasks.task import Task
+from qtasks.worker import Worker
 
 DEFAULT_QUEUE = "default"
 
@@ -61,23 +54,46 @@ class QueueTasks:
         broker = broker or os.environ.get("QTASKS_BROKER_URL") or "memory://"
         results = results or os.environ.get("QTASKS_RESULTS_URL") \
             or (broker if isinstance(broker, str) else "memory://")
-        self.broker: Broker = broker_from_url(broker) if isinstance(broker, str) else broker
-        self.results_store: ResultStore = (
-            results_from_url(results) if isinstance(results, str) else results
-        )
-        self.executor = executor
-        self.max_message_size = max_message_size
-        self.default_queue = default_queue
+        signing_key = signing_key or os.environ.get("QTASKS_SIGNING_KEY")
+        self.runtime = Runtime(
+            broker_from_url(broker) if isinstance(broker, str) else broker,
+            results_from_url(results) if isinstance(results, str) else results,
+            executor=executor, max_message_size=max_message_size,
+            default_queue=default_queue, signer=Signer(signing_key) if signing_key else None)
         self.concurrency = concurrency
         self.embedded_worker = self.broker.embedded if embedded_worker is None else embedded_worker
-        signing_key = signing_key or os.environ.get("QTASKS_SIGNING_KEY")
-        self.signer = Signer(signing_key) if signing_key else None
-        self.registry: dict[str, TaskExecSchema] = {}
-        self._started = False
-        self._start_lock: asyncio.Lock | None = None
-        self._embedded: Any = None  # the in-process Worker, for an embedded broker
+        self._embedded: Worker | None = None  # the in-process worker, for an embedded broker
         self._embedded_run: asyncio.Task[None] | None = None
         self._sync: SyncApp | None = None
+
+    # What the runtime holds, read through the app as before.
+    @property
+    def broker(self) -> Broker:
+        return self.runtime.broker
+
+    @property
+    def results_store(self) -> ResultStore:
+        return self.runtime.results_store
+
+    @property
+    def registry(self) -> dict[str, TaskExecSchema]:
+        return self.runtime.registry
+
+    @property
+    def signer(self) -> Signer | None:
+        return self.runtime.signer
+
+    @property
+    def executor(self) -> ExecutorClass | None:
+        return self.runtime.executor
+
+    @property
+    def default_queue(self) -> str:
+        return self.runtime.default_queue
+
+    @property
+    def max_message_size(self) -> int:
+        return self.runtime.max_message_size
 
     # -- declaring tasks -------------------------------------------------------------
 
@@ -117,8 +133,9 @@ class QueueTasks:
         ``retry`` is how many times a failing run is tried again, waiting ``retry_backoff``
         seconds, doubling up to ``retry_backoff_max`` (or a full ``RetryPolicy``).
         """
-        self._check_priority(priority)
-        self._check_result_ttl(result_ttl)
+        self.runtime.check_priority(priority)
+        self.runtime.check_result_ttl(result_ttl)
+        SendOptions(queue=queue, max_time=max_time)
         policy = retry if isinstance(retry, RetryPolicy) else RetryPolicy(
             retries=retry, backoff=retry_backoff, backoff_max=retry_backoff_max)
 
@@ -138,70 +155,29 @@ class QueueTasks:
 
     def queues(self) -> list[str]:
         """Every queue a registered task uses, the default queue first."""
-        names = [self.default_queue]
-        names += sorted({s.queue for s in self.registry.values()} - {self.default_queue})
-        return names
-
-    def _check_result_ttl(self, result_ttl: float | None) -> None:
-        """A task's result cannot outlive what its store keeps: say so now, not when a
-        result is missing a day later."""
-        if result_ttl is None:
-            return
-        if result_ttl <= 0:
-            raise ConfigurationError(f"result_ttl must be positive, not {result_ttl}")
-        if result_ttl > self.results_store.ttl:
-            raise ConfigurationError(
-                f"result_ttl {result_ttl:g} s is longer than the result store keeps results "
-                f"({self.results_store.ttl:g} s); raise the store's ttl (?ttl= in its URL)")
-
-    def _check_priority(self, priority: int | None) -> None:
-        if not priority:
-            return
-        if not self.broker.supports_priority:
-            raise ConfigurationError(
-                f"{type(self.broker).__name__} does not support task priorities; "
-                "use separate queues instead")
-        highest = self.broker.max_priority
-        if highest is not None and not 0 <= priority <= highest:
-            raise ConfigurationError(
-                f"priority {priority} is outside 0..{highest}, the range "
-                f"{type(self.broker).__name__} orders by (its max_priority option)")
+        return self.runtime.queues()
 
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
         """Connect the broker and the result store; idempotent. Called on first use."""
-        if self._started:
-            return
-        if self._start_lock is None:
-            self._start_lock = asyncio.Lock()
-        async with self._start_lock:
-            if self._started:
-                return
-            await self.broker.start()
-            await self.results_store.start()
-            self._started = True
+        await self.runtime.start()
 
     async def _ensure_embedded_worker(self) -> None:
         if not self.embedded_worker or self._embedded_run is not None:
             return
-        from qtasks.worker import Worker  # the worker imports this module
-
-        self._embedded = Worker(self, concurrency=self.concurrency, name="embedded")
+        self._embedded = Worker(self.runtime, concurrency=self.concurrency, name="embedded")
         self._embedded_run = asyncio.create_task(self._embedded.run(), name="qtasks-embedded")
         await self._embedded.wait_started()
 
     async def close(self) -> None:
         """Stop the embedded worker (if any) and disconnect."""
-        if self._embedded_run is not None:
+        if self._embedded_run is not None and self._embedded is not None:
             self._embedded.stop()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._embedded_run
             self._embedded_run = self._embedded = None
-        if self._started:
-            await self.broker.close()
-            await self.results_store.close()
-            self._started = False
+        await self.runtime.close()
 
     async def __aenter__(self) -> QueueTasks:
         await self.start()
@@ -233,22 +209,61 @@ class QueueTasks:
         code); if it is, its queue, priority and ``max_time`` are the defaults. With
         ``timeout``, wait for the end and return the finished ``Task``; past the timeout a
         ``TaskTimeoutError`` naming the task id is raised and the task goes on.
+
+        The options share a namespace with the task's keyword arguments: for a task with
+        a parameter named like an option, passing that name here is refused as ambiguous;
+        ``send_task(name, args, kwargs, **options)`` keeps the two apart.
         """
+        options = SendOptions(timeout=timeout, priority=priority, delay=delay,
+                              task_id=task_id, queue=queue, max_time=max_time,
+                              headers=headers)
         schema = self.registry.get(task_name)
-        priority = priority if priority is not None else (schema.priority if schema else 0)
-        self._check_priority(priority)
+        if schema is not None:
+            given = {name for name in colliding_parameters(schema.func)
+                     if getattr(options, name) is not None}
+            if given:
+                names = ", ".join(sorted(given))
+                raise OptionError(
+                    f"task {task_name!r} has a parameter named {names}, which add_task takes "
+                    f"as an option; pass the task's arguments apart with "
+                    f"apply_async(args, kwargs, **options) or send_task(name, args, kwargs)")
+        return await self._send(task_name, args, kwargs, options)
+
+    async def send_task(self, task_name: str, args: Sequence[Any] = (),
+                        kwargs: Mapping[str, Any] | None = None, *,
+                        timeout: float | None = None, priority: int | None = None,
+                        delay: float | None = None, task_id: str | None = None,
+                        queue: str | None = None, max_time: float | None = None,
+                        headers: dict[str, str] | None = None) -> Task:
+        """``add_task`` with the task's arguments apart from the options (Celery's
+        ``send_task``): any argument name is the task's, none is taken as an option."""
+        kwargs = {} if kwargs is None else kwargs
+        check_arguments(args, kwargs)
+        options = SendOptions(timeout=timeout, priority=priority, delay=delay,
+                              task_id=task_id, queue=queue, max_time=max_time,
+                              headers=headers)
+        return await self._send(task_name, args, kwargs, options)
+
+    async def _send(self, task_name: str, args: Sequence[Any], kwargs: Mapping[str, Any],
+                    options: SendOptions) -> Task:
+        schema = self.registry.get(task_name)
+        priority = options.priority if options.priority is not None \
+            else (schema.priority if schema else 0)
+        self.runtime.check_priority(priority)
         now = time.time()
+        max_time = options.max_time if options.max_time is not None \
+            else (schema.max_time if schema else None)
         message = TaskMessage(
-            id=task_id or uuid7(),
+            id=options.task_id or uuid7(),
             task=task_name,
             args=list(args),
-            kwargs=kwargs,
-            queue=queue or (schema.queue if schema else self.default_queue),
+            kwargs=dict(kwargs),
+            queue=options.queue or (schema.queue if schema else self.default_queue),
             priority=priority,
             created_at=now,
-            max_time=max_time if max_time is not None else (schema.max_time if schema else None),
-            not_before=now + delay if delay else None,
-            headers=dict(headers or {}),
+            max_time=max_time,
+            not_before=now + options.delay if options.delay else None,
+            headers=dict(options.headers or {}),
         )
         await self.start()
         reply_to = self.results_store.reply_address
@@ -256,23 +271,16 @@ class QueueTasks:
             message.headers["reply_to"] = reply_to
         await self._ensure_embedded_worker()
         await self.results_store.expect(message.id)
-        await self.publish(message)
+        await self.runtime.publish(message)
         task = Task(id=message.id, name=task_name, status=TaskStatus.NEW, created_at=now,
-                    app=self)
-        if timeout is not None:
-            await task.wait(timeout)
+                    runtime=self.runtime)
+        if options.timeout is not None:
+            await task.wait(options.timeout)
         return task
 
     async def publish(self, message: TaskMessage) -> None:
         """Encode (within the size limit), sign if a key is set, and publish a task message."""
-        limit = self.max_message_size
-        if self.broker.max_message_size is not None:
-            limit = min(limit, self.broker.max_message_size)
-        await self.broker.publish(message, self._seal(encode(message, max_size=limit)))
-
-    def _seal(self, body: bytes) -> bytes:
-        """Signed when a signing key is set (task messages and cancel requests alike)."""
-        return body if self.signer is None else self.signer.sign(body)
+        await self.runtime.publish(message)
 
     # -- reading results -------------------------------------------------------------
 
@@ -283,9 +291,7 @@ class QueueTasks:
         the time of the call (each remembers it for ``Worker.revoke_ttl`` seconds); a
         synchronous function already running in a thread runs to its end, but its result
         is dropped. Signed when a signing key is set: workers ignore forged requests."""
-        await self.start()
-        request = ControlMessage(id=task_id, ts=time.time(), reason=reason)
-        await self.broker.broadcast(self._seal(encode(request, max_size=self.max_message_size)))
+        await self.runtime.cancel(task_id, reason)
 
     async def get(self, task_id: str) -> Task | None:
         """The latest known state of a task from any producer, or None (unknown, not
@@ -294,13 +300,13 @@ class QueueTasks:
         event = await self.results_store.get(task_id)
         if event is None or event.expired(time.time()):
             return None
-        task = Task(id=task_id, name=event.task, app=self)
+        task = Task(id=task_id, name=event.task, runtime=self.runtime)
         task.apply(event)
         return task
 
     def task_handle(self, task_id: str, task_name: str = "") -> Task:
         """A handle on a task known only by id, to ``wait`` or ``stream`` it."""
-        return Task(id=task_id, name=task_name, app=self)
+        return Task(id=task_id, name=task_name, runtime=self.runtime)
 
     async def subscribe(self, task_name: str = "*") -> AsyncIterator[ResultEvent]:
         """Like ``listen`` but returns once the subscription is active."""
@@ -321,11 +327,47 @@ class QueueTasks:
     def sync(self) -> SyncApp:
         """The blocking API for code without an event loop; see ``qtasks.sync``."""
         if self._sync is None:
-            from qtasks.sync import SyncApp
-
             self._sync = SyncApp(self)
         return self._sync
 
     def __repr__(self) -> str:
         broker = getattr(self.broker, "url", type(self.broker).__name__)
         return f"<QueueTasks broker={redact(str(broker))} tasks={len(self.registry)}>"
+
+
+class TaskFunction:
+    """The object ``@app.task`` puts in place of the function.
+
+    Calling it runs the function here, as if undecorated; ``add_task`` runs it on a worker.
+    """
+
+    def __init__(self, app: QueueTasks, schema: TaskExecSchema) -> None:
+        self.app = app
+        self.schema = schema
+        self.__name__ = schema.name
+        self.__doc__ = schema.func.__doc__
+        self.__wrapped__ = schema.func
+
+    @property
+    def name(self) -> str:
+        return self.schema.name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.schema.func(*args, **kwargs)
+
+    async def add_task(self, *args: Any, timeout: float | None = None,
+                       priority: int | None = None, delay: float | None = None,
+                       task_id: str | None = None, **kwargs: Any) -> Task:
+        """Enqueue a run; see ``QueueTasks.add_task``."""
+        return await self.app.add_task(self.schema.name, *args, timeout=timeout,
+                                       priority=priority, delay=delay, task_id=task_id,
+                                       **kwargs)
+
+    async def apply_async(self, args: Sequence[Any] = (),
+                          kwargs: Mapping[str, Any] | None = None, **options: Any) -> Task:
+        """Enqueue a run with the arguments apart from the options (Celery's shape); see
+        ``QueueTasks.send_task``."""
+        return await self.app.send_task(self.schema.name, args, kwargs, **options)
+
+    def __repr__(self) -> str:
+        return f"<TaskFunction {self.schema.name}>"

@@ -16,10 +16,6 @@ REVOKE_TTL = 24 * 3600.0
 REVOKE_LIMIT = 100_000
 
 
-class TaskCancelled(Exception):
-    """A task was cancelled on request; reported as the final error's type."""
-
-
 class Revocations:
     """Task ids asked to be cancelled, each forgotten ``ttl`` seconds after the request
     (or once ``limit`` newer ones arrived)."""

@@ -17,6 +17,11 @@ class NotSupportedError(QTasksError, NotImplementedError):
     as cancelling on a broker without broadcast). Also a ``NotImplementedError``."""
 
 
+class OptionError(QTasksError, ValueError):
+    """An option of ``add_task``/``send_task`` has a value it cannot take (a priority
+    that is not an integer, a negative delay ...). Raised before anything is published."""
+
+
 class MessageEncodeError(QTasksError, TypeError):
     """A task's arguments or a result cannot be encoded as JSON."""
 
@@ -48,3 +53,11 @@ class TaskFailedError(QTasksError):
 
 class BrokerUnavailableError(QTasksError, ConnectionError):
     """The broker or result store cannot be reached (after its retries)."""
+
+
+class TaskCancelled(QTasksError):
+    """A task was cancelled on request; reported as the final error's type."""
+
+
+class TaskTimeLimitExceeded(QTasksError):
+    """A task ran longer than its ``max_time``; reported as the final error's type."""

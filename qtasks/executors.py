@@ -19,15 +19,12 @@ import asyncio
 import contextlib
 import functools
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
 from typing import Any
 
 from qtasks.interfaces import close_iterator
-from qtasks.task import TaskExecSchema
-
-#: Publishes one handled partial value; given by the worker, absent for a local run.
-PublishPartial = Callable[[Any], Awaitable[None]]
+from qtasks.schema import PublishPartial, TaskExecSchema
 
 
 class BaseTaskExecutor:
@@ -54,11 +51,12 @@ class BaseTaskExecutor:
         return await self.run_task()
 
     async def run_task(self) -> Any:
-        raise NotImplementedError
+        """Call a plain function and return its result (each executor knows how)."""
+        raise NotImplementedError(f"{type(self).__name__} must define run_task")
 
     def iterate(self) -> AsyncIterator[Any]:
         """The generator's raw yields, as an async iterator."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define iterate")
 
     async def run_task_gen(self) -> list[Any]:
         results: list[Any] = []

@@ -12,22 +12,36 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Awaitable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from qtasks.interfaces import close_iterator
 from qtasks.protocol import ResultEvent
 from qtasks.task import Task
 
-if TYPE_CHECKING:
-    from qtasks.app import QueueTasks
-
 T = TypeVar("T")
+
+
+class AsyncApp(Protocol):
+    """What the blocking face drives: the async API of ``QueueTasks`` (which builds its
+    ``SyncApp``, so this module does not import it)."""
+
+    async def add_task(self, task_name: str, *args: Any, **options: Any) -> Task: ...
+
+    async def get(self, task_id: str) -> Task | None: ...
+
+    async def cancel(self, task_id: str, reason: str = "") -> None: ...
+
+    def task_handle(self, task_id: str, task_name: str = "") -> Task: ...
+
+    async def subscribe(self, task_name: str = "*") -> AsyncIterator[ResultEvent]: ...
+
+    async def close(self) -> None: ...
 
 
 class SyncApp:
     """``app.sync``: enqueue, wait, stream, listen and cancel without ``await``."""
 
-    def __init__(self, app: QueueTasks) -> None:
+    def __init__(self, app: AsyncApp) -> None:
         self.app = app
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,

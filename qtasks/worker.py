@@ -21,13 +21,16 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from qtasks.cancellation import REVOKE_TTL, Revocations, TaskCancelled
+from qtasks.cancellation import REVOKE_TTL, Revocations
 from qtasks.errors import (
+    ConfigurationError,
     MessageDecodeError,
     MessageEncodeError,
     NotSupportedError,
+    TaskCancelled,
+    TaskTimeLimitExceeded,
     UnknownTaskError,
 )
 from qtasks.executors import default_executor
@@ -42,12 +45,21 @@ from qtasks.protocol import (
     decode_task,
     encode,
 )
-from qtasks.task import TaskExecSchema, TaskStatus
+from qtasks.registry import redact
+from qtasks.runtime import Runtime
+from qtasks.schema import TaskExecSchema, TaskStatus
 
-if TYPE_CHECKING:
-    from qtasks.app import QueueTasks
+log = logging.getLogger(__name__)
+#: One INFO line per finished task (id, name, status, duration); ``qtasks worker --quiet``
+#: raises this logger to WARNING.
+task_log = logging.getLogger(f"{__name__}.tasks")
 
-log = logging.getLogger("qtasks.worker")
+
+class HasRuntime(Protocol):
+    """What ``Worker`` takes besides a ``Runtime``: a ``QueueTasks`` app (its runtime)."""
+
+    @property
+    def runtime(self) -> Runtime: ...
 
 
 #: A task still running after this many seconds (or yielding before) is announced with
@@ -101,15 +113,17 @@ class _RunningStatus:
             self._sent.cancel()
 
 
-class TaskTimeLimitExceeded(Exception):
-    """A task ran longer than its ``max_time``; reported as the final error's type."""
-
-
 def _log_failure(task: asyncio.Task[None]) -> None:
     """A worker's helper task ended by an error: say so when it happens (cancel requests
     are no longer followed), not only at shutdown."""
     if not task.cancelled() and (exc := task.exception()) is not None:
         log.error("%s failed; the worker goes on without it", task.get_name(), exc_info=exc)
+
+
+def _where(backend: object) -> str:
+    """A backend as the start-up line names it: its URL, redacted, or its class."""
+    url = getattr(backend, "url", None)
+    return redact(url) if isinstance(url, str) else type(backend).__name__
 
 
 def error_info(exc: BaseException) -> ErrorInfo:
@@ -130,7 +144,7 @@ class Worker:
 
     def __init__(
         self,
-        app: QueueTasks,
+        app: Runtime | HasRuntime,
         queues: list[str] | None = None,
         concurrency: int = 100,
         grace: float = 30.0,
@@ -138,10 +152,12 @@ class Worker:
         running_after: float = RUNNING_AFTER,
         revoke_ttl: float = REVOKE_TTL,
     ) -> None:
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
-        self.app = app
-        self.queues = queues or app.queues()
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) \
+                or concurrency < 1:
+            raise ConfigurationError(f"concurrency must be an integer of 1 or more, "
+                                     f"not {concurrency!r}")
+        self.runtime = app if isinstance(app, Runtime) else app.runtime
+        self.queues = queues or self.runtime.queues()
         self.concurrency = concurrency
         self.grace = grace
         self.running_after = running_after
@@ -170,12 +186,12 @@ class Worker:
         self._stop.set()
 
     async def run(self) -> None:
-        app = self.app
-        await app.start()
-        await app.broker.declare(self.queues)
+        runtime = self.runtime
+        await runtime.start()
+        await runtime.broker.declare(self.queues)
         try:
             # Subscribed before consuming: no request for a task this worker takes is missed.
-            control: AsyncIterator[bytes] | None = await app.broker.control()
+            control: AsyncIterator[bytes] | None = await runtime.broker.control()
         except NotSupportedError:
             control = None
         follow = asyncio.create_task(self._follow_control(control), name="qtasks-control")
@@ -183,8 +199,10 @@ class Worker:
         consumer = asyncio.create_task(self._consume(), name="qtasks-consume")
         lease = asyncio.create_task(self._keep_leases(), name="qtasks-lease")
         self._started.set()
-        log.info("worker %s consuming %s with concurrency %d",
-                 self.name, ",".join(self.queues), self.concurrency)
+        log.info("worker %s: broker %s, results %s, queues %s, concurrency %d, tasks %s",
+                 self.name, _where(runtime.broker), _where(runtime.results_store),
+                 ",".join(self.queues), self.concurrency,
+                 ", ".join(sorted(runtime.registry)) or "(none)")
         try:
             stop = asyncio.create_task(self._stop.wait())
             await asyncio.wait({consumer, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -216,7 +234,7 @@ class Worker:
                         len(pending))
 
     async def _consume(self) -> None:
-        deliveries = self.app.broker.consume(self.queues, prefetch=self.concurrency)
+        deliveries = self.runtime.broker.consume(self.queues, prefetch=self.concurrency)
         try:
             async for delivery in deliveries:
                 task = asyncio.create_task(self._handle(delivery))
@@ -230,7 +248,7 @@ class Worker:
         self.processed += 1
 
     async def _keep_leases(self) -> None:
-        interval = self.app.broker.lease_interval
+        interval = self.runtime.broker.lease_interval
         if not interval:
             return
         while True:
@@ -246,7 +264,7 @@ class Worker:
         """Cancel requests: remember each, and interrupt the task if it runs here."""
         if control is None:
             return
-        signer = self.app.signer
+        signer = self.runtime.signer
         try:
             async for body in control:
                 if signer is not None and (refused := signer.verify(body)):
@@ -284,8 +302,8 @@ class Worker:
         return self.in_flight.get(current, delivery) if current is not None else delivery
 
     async def _process(self, delivery: Delivery) -> None:
-        app = self.app
-        if app.signer is not None and (refused := app.signer.verify(delivery.body)):
+        runtime = self.runtime
+        if runtime.signer is not None and (refused := runtime.signer.verify(delivery.body)):
             log.error("dead-lettering a task message: %s", refused)
             await delivery.dead_letter(refused)
             return
@@ -295,7 +313,7 @@ class Worker:
             log.error("dead-lettering an undecodable message: %s", exc)
             await delivery.dead_letter(f"undecodable: {exc}")
             return
-        schema = app.registry.get(message.task)
+        schema = runtime.registry.get(message.task)
         if schema is None:
             await self._end_unknown(delivery, message)
             return
@@ -340,7 +358,7 @@ class Worker:
     async def _already_done(self, lease: Lease, message: TaskMessage) -> bool:
         """A redelivered attempt that already ended (only its ack was lost) is settled
         without running again: its final is stored, or a later attempt has started."""
-        previous = await self.app.results_store.get(message.id)
+        previous = await self.runtime.results_store.get(message.id)
         if previous is None or previous.attempt < message.attempt:
             return False
         if previous.kind == "final":
@@ -397,7 +415,7 @@ class Worker:
 
     async def _publish(self, event: ResultEvent, reply_to: str | None) -> None:
         body = encode(event)
-        await self.app.results_store.publish(event, body, reply_to)
+        await self.runtime.results_store.publish(event, body, reply_to)
 
     async def _run(self, delivery: Delivery, message: TaskMessage,
                    schema: TaskExecSchema) -> None:
@@ -425,7 +443,7 @@ class Worker:
             seq += 1
             await self._publish(event, reply_to)
 
-        executor_cls = schema.executor or self.app.executor or default_executor(schema)
+        executor_cls = schema.executor or self.runtime.executor or default_executor(schema)
         executor = executor_cls(schema, message.args, message.kwargs,
                                 publish=publish_partial, thread_pool=self._threads)
         max_time = message.max_time if message.max_time is not None else schema.max_time
@@ -486,8 +504,10 @@ class Worker:
             final = replace(final, status=TaskStatus.ERROR.value, returning=None,
                             error=error_info(exc))
             body = encode(final)
-        await self.app.results_store.publish(final, body, message.headers.get("reply_to"))
+        await self.runtime.results_store.publish(final, body, message.headers.get("reply_to"))
         await (settle or delivery.ack)()
+        task_log.info("%s %s %s in %.3f s", message.task, message.id, final.status,
+                      now - (base.started_at or now))
 
     async def _retry(self, delivery: Delivery, message: TaskMessage, schema: TaskExecSchema,
                      base: ResultEvent, exc: Exception, reply_to: str | None) -> None:
@@ -498,5 +518,5 @@ class Worker:
         # The status goes first: the next attempt's "running" must not overtake it.
         await self._publish(replace(base, attempt=again.attempt, status=TaskStatus.NEW.value,
                                     error=error_info(exc), ts=time.time()), reply_to)
-        await self.app.publish(again)
+        await self.runtime.publish(again)
         await delivery.ack()

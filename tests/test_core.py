@@ -294,7 +294,7 @@ async def test_stop_past_grace_gives_the_task_back() -> None:
 async def test_wait_reports_a_backend_timeout_as_it_is() -> None:
     """Only the wait's own deadline becomes TaskTimeoutError; a backend's TimeoutError
     (a lost connection, say) is not disguised as "did not finish within None s"."""
-    from qtasks import Task, TaskTimeoutError
+    from qtasks import TaskTimeoutError
 
     class FailingStore(MemoryResultStore):
         async def watch(self, task_id: str):  # type: ignore[no-untyped-def, override]
@@ -303,7 +303,7 @@ async def test_wait_reports_a_backend_timeout_as_it_is() -> None:
 
     app = QueueTasks(results=FailingStore(), embedded_worker=False)
     with pytest.raises(TimeoutError, match="backend gave up") as raised:
-        await Task(id="x", name="t", app=app).wait(timeout=None)
+        await app.task_handle("x", "t").wait(timeout=None)
     assert not isinstance(raised.value, TaskTimeoutError)
 
 
