@@ -199,9 +199,10 @@ class Worker:
         consumer = asyncio.create_task(self._consume(), name="qtasks-consume")
         lease = asyncio.create_task(self._keep_leases(), name="qtasks-lease")
         self._started.set()
-        log.info("worker %s: broker %s, results %s, queues %s, concurrency %d, tasks %s",
-                 self.name, _where(runtime.broker), _where(runtime.results_store),
-                 ",".join(self.queues), self.concurrency,
+        # "consuming" marks readiness for scripts, tests and the benchmark harness.
+        log.info("worker %s consuming %s with concurrency %d; broker %s, results %s; "
+                 "tasks: %s", self.name, ",".join(self.queues), self.concurrency,
+                 _where(runtime.broker), _where(runtime.results_store),
                  ", ".join(sorted(runtime.registry)) or "(none)")
         try:
             stop = asyncio.create_task(self._stop.wait())
