@@ -11,6 +11,7 @@ must not travel to a broker that fails on it later, deep inside.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -74,7 +75,7 @@ def colliding_parameters(func: Callable[..., Any]) -> frozenset[str]:
 def _number(name: str, value: Any, *, minimum: float, inclusive: bool) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         raise OptionError(f"{name} must be a number of seconds, not {_shown(value)}")
     if value < minimum or (value == minimum and not inclusive):
         bound = f"{'at least' if inclusive else 'more than'} {minimum:g}"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: installs what it needs into .venv, brings up the local brokers,
-# then lint, type check and every test (fast suite and real-broker integration suite).
+# then lint, type check, import contracts and every test (fast suite and real-broker integration suite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python3}"
@@ -22,4 +22,5 @@ fi
 bash scripts/brokers.sh
 .venv/bin/ruff check .
 .venv/bin/mypy
+.venv/bin/lint-imports   # the layers of pyproject.toml's [tool.importlinter]
 exec .venv/bin/pytest tests integration "$@"
