@@ -8,6 +8,7 @@ backends were installed as top-level ``brokers`` and ``results``).
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import venv
@@ -25,9 +26,14 @@ SEED = (ROOT / "examples" / "yield_task.py").read_text()
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Built from a copy: setuptools keeps a build/ folder beside the sources, and a stale
+    # module left there by an earlier build would be packaged as if it were current.
+    source = tmp_path_factory.mktemp("source") / "qtasks"
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache"))
     out = tmp_path_factory.mktemp("dist")
     done = subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(out),
-                           str(ROOT)], capture_output=True, text=True, timeout=300)
+                           str(source)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     [built] = out.glob("qtasks-*.whl")
     return built

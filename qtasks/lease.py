@@ -13,12 +13,13 @@ logged no-op (the ``Delivery`` contract), so what counts is the live one.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from qtasks.interfaces import Delivery
 
-log = logging.getLogger("qtasks.worker")
+log = logging.getLogger(__name__)
 
 
 class Lease(Delivery):
@@ -78,3 +79,18 @@ class Lease(Delivery):
         for delivery in self.deliveries:
             await delivery.keep_alive()
 
+
+async def keep_leases(interval: float | None,
+                      held: Callable[[], Iterable[Delivery]]) -> None:
+    """Every ``interval`` seconds (the broker's ``lease_interval``; None: never needed),
+    extend the lease of every delivery a worker holds, so a long task is not handed to
+    another worker. A failed extension is logged: the next one may get through."""
+    if not interval:
+        return
+    while True:
+        await asyncio.sleep(interval)
+        results = await asyncio.gather(*(d.keep_alive() for d in list(held())),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                log.warning("lease keep-alive failed: %s", result)

@@ -5,9 +5,9 @@ field by field in ``docs/protocol.md`` so that a producer or a listener written 
 language can take part. The dataclasses here are the single source of truth for that
 document: a field added here and not there is a bug.
 
-Three kinds travel on the result side (``status``, ``partial``, ``final``), one on the
-task side (``task``) and one is broadcast to every worker (``cancel``). Timestamps are
-Unix seconds as floats, which every language reads.
+Three kinds travel on the result side (``status``, ``partial``, ``final``) and one on the
+task side (``task``); what is broadcast on the control channel is in ``qtasks.control``.
+Timestamps are Unix seconds as floats, which every language reads.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import orjson
 
@@ -168,22 +168,15 @@ class ResultEvent:
         return self.kind == "final"
 
 
-@dataclass(slots=True)
-class ControlMessage:
-    """A request broadcast to every worker, not queued: ``cancel`` task ``id``."""
+class Message(Protocol):
+    """Any message of the protocol: it knows its JSON object and its id."""
 
     id: str
-    kind: Literal["cancel"] = "cancel"
-    ts: float = 0.0
-    reason: str = ""
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"v": VERSION, "kind": self.kind, "id": self.id, "ts": self.ts,
-                "reason": self.reason}
+    def to_dict(self) -> dict[str, Any]: ...
 
 
-def encode(message: TaskMessage | ResultEvent | ControlMessage,
-           max_size: int | None = None) -> bytes:
+def encode(message: Message, max_size: int | None = None) -> bytes:
     """Serialise a message, refusing what JSON cannot carry or what is too large."""
     try:
         body = orjson.dumps(message.to_dict(), option=orjson.OPT_NON_STR_KEYS)
@@ -200,10 +193,11 @@ def encode(message: TaskMessage | ResultEvent | ControlMessage,
     return body
 
 
-def _describe(message: TaskMessage | ResultEvent | ControlMessage) -> str:
-    if isinstance(message, ControlMessage):
-        return f"{message.kind} of task id {message.id}"
-    return f"task {message.task!r} id {message.id}"
+def _describe(message: Message) -> str:
+    task = getattr(message, "task", None)
+    if task is None:
+        return f"{getattr(message, 'kind', 'message')} of id {message.id}"
+    return f"task {task!r} id {message.id}"
 
 
 #: JSON's types as the protocol names them, for the decoder's errors.
@@ -211,7 +205,7 @@ _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "an 
                dict: "an object"}
 
 
-def _field(data: dict[str, Any], key: str, kind: type, default: Any = ...) -> Any:
+def typed_field(data: dict[str, Any], key: str, kind: type, default: Any = ...) -> Any:
     """``data[key]``, exactly of the protocol's type: a number written as a string, a bool
     for a number or a float for an integer is refused, never coerced (a message that needs
     coercing was not written to the protocol, and running it could do the wrong thing).
@@ -236,7 +230,7 @@ def _json_type(value: Any) -> str:
     return _TYPE_NAMES.get(type(value), type(value).__name__)
 
 
-def _load(body: bytes) -> dict[str, Any]:
+def load_body(body: bytes) -> dict[str, Any]:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -251,41 +245,41 @@ def _load(body: bytes) -> dict[str, Any]:
 
 def decode_task(body: bytes) -> TaskMessage:
     """Parse a task message, with an error that says exactly which field is wrong."""
-    data = _load(body)
+    data = load_body(body)
     if data.get("kind", "task") != "task":
         raise MessageDecodeError(f"expected kind 'task', got {data.get('kind')!r}")
-    headers = _field(data, "headers", dict, {})
+    headers = typed_field(data, "headers", dict, {})
     for name, value in headers.items():
         if not isinstance(value, str):
             raise MessageDecodeError(
                 f"header {name!r} must be a string, not {_json_type(value)} {value!r:.60}")
-    attempt = _field(data, "attempt", int, 1)
+    attempt = typed_field(data, "attempt", int, 1)
     if attempt < 1:
         raise MessageDecodeError(f"field 'attempt' must be 1 or more, not {attempt}")
     return TaskMessage(
-        id=_field(data, "id", str),
-        task=_field(data, "task", str),
-        args=_field(data, "args", list, []),
-        kwargs=_field(data, "kwargs", dict, {}),
-        queue=_field(data, "queue", str, "default") or "default",
-        priority=_field(data, "priority", int, 0),
-        created_at=_field(data, "created_at", float, 0.0),
+        id=typed_field(data, "id", str),
+        task=typed_field(data, "task", str),
+        args=typed_field(data, "args", list, []),
+        kwargs=typed_field(data, "kwargs", dict, {}),
+        queue=typed_field(data, "queue", str, "default") or "default",
+        priority=typed_field(data, "priority", int, 0),
+        created_at=typed_field(data, "created_at", float, 0.0),
         attempt=attempt,
-        max_time=_field(data, "max_time", float, None),
-        not_before=_field(data, "not_before", float, None),
+        max_time=typed_field(data, "max_time", float, None),
+        not_before=typed_field(data, "not_before", float, None),
         headers=headers,
     )
 
 
 def decode_result(body: bytes) -> ResultEvent:
-    return _result_of(_load(body))
+    return _result_of(load_body(body))
 
 
 def decode_results(body: bytes) -> list[ResultEvent]:
     """The events of one result message: one, or the partials of a ``batch`` (a backend
     may gather a task's partials into one message when they come faster than the broker
     takes them; ``encode_batch``)."""
-    data = _load(body)
+    data = load_body(body)
     if data.get("kind") != "batch":
         return [_result_of(data)]
     events = data.get("events")
@@ -306,26 +300,26 @@ def _result_of(data: dict[str, Any]) -> ResultEvent:
     kind = data.get("kind")
     if kind not in ("status", "partial", "final"):
         raise MessageDecodeError(f"unknown result kind {kind!r}")
-    error = _field(data, "error", dict, None)
+    error = typed_field(data, "error", dict, None)
     return ResultEvent(
         kind=kind,
-        id=_field(data, "id", str),
-        task=_field(data, "task", str),
-        attempt=_field(data, "attempt", int, 1),
-        seq=_field(data, "seq", int, 0),
+        id=typed_field(data, "id", str),
+        task=typed_field(data, "task", str),
+        attempt=typed_field(data, "attempt", int, 1),
+        seq=typed_field(data, "seq", int, 0),
         value=data.get("value"),
-        ts=_field(data, "ts", float, 0.0),
-        status=_field(data, "status", str, None),
+        ts=typed_field(data, "ts", float, 0.0),
+        status=typed_field(data, "status", str, None),
         returning=data.get("returning"),
         error=None if error is None else ErrorInfo(
-            _field(error, "type", str, ""), _field(error, "message", str, ""),
-            _field(error, "traceback", str, "")),
-        started_at=_field(data, "started_at", float, None),
-        finished_at=_field(data, "finished_at", float, None),
-        worker=_field(data, "worker", str, None),
-        partials=_field(data, "partials", int, 0),
-        created_at=_field(data, "created_at", float, None),
-        expires_at=_field(data, "expires_at", float, None),
+            typed_field(error, "type", str, ""), typed_field(error, "message", str, ""),
+            typed_field(error, "traceback", str, "")),
+        started_at=typed_field(data, "started_at", float, None),
+        finished_at=typed_field(data, "finished_at", float, None),
+        worker=typed_field(data, "worker", str, None),
+        partials=typed_field(data, "partials", int, 0),
+        created_at=typed_field(data, "created_at", float, None),
+        expires_at=typed_field(data, "expires_at", float, None),
     )
 
 
@@ -362,11 +356,3 @@ class PartialOrder:
             return False
         self.attempt, self.seq = event.attempt, event.seq
         return True
-
-
-def decode_control(body: bytes) -> ControlMessage:
-    data = _load(body)
-    if data.get("kind") != "cancel":
-        raise MessageDecodeError(f"unknown control kind {data.get('kind')!r}")
-    return ControlMessage(id=_field(data, "id", str), ts=_field(data, "ts", float, 0.0),
-                          reason=_field(data, "reason", str, ""))

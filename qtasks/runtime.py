@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import time
 
+from qtasks.control import ControlMessage
 from qtasks.errors import ConfigurationError
 from qtasks.interfaces import Broker, ResultStore
-from qtasks.protocol import ControlMessage, TaskMessage, encode
+from qtasks.protocol import TaskMessage, encode
 from qtasks.schema import ExecutorClass, TaskExecSchema
 from qtasks.signing import Signer
 

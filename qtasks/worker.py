@@ -16,43 +16,31 @@ import logging
 import os
 import socket
 import time
-import traceback
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Protocol
 
 from qtasks.cancellation import REVOKE_TTL, Revocations
+from qtasks.control import WorkerState, follow_control
 from qtasks.errors import (
     ConfigurationError,
     MessageDecodeError,
-    MessageEncodeError,
     NotSupportedError,
     TaskCancelled,
     TaskTimeLimitExceeded,
-    UnknownTaskError,
 )
 from qtasks.executors import default_executor
 from qtasks.interfaces import Delivery, close_iterator
-from qtasks.lease import Lease
-from qtasks.protocol import (
-    ErrorInfo,
-    ResultEvent,
-    ResultKind,
-    TaskMessage,
-    decode_control,
-    decode_task,
-    encode,
-)
+from qtasks.lease import Lease, keep_leases
+from qtasks.protocol import ErrorInfo, ResultEvent, TaskMessage, decode_task, encode
 from qtasks.registry import redact
+from qtasks.running import RUNNING_AFTER, AttemptReport, RunningStatus, error_info
 from qtasks.runtime import Runtime
 from qtasks.schema import TaskExecSchema, TaskStatus
 
 log = logging.getLogger(__name__)
-#: One INFO line per finished task (id, name, status, duration); ``qtasks worker --quiet``
-#: raises this logger to WARNING.
-task_log = logging.getLogger(f"{__name__}.tasks")
 
 
 class HasRuntime(Protocol):
@@ -60,57 +48,6 @@ class HasRuntime(Protocol):
 
     @property
     def runtime(self) -> Runtime: ...
-
-
-#: A task still running after this many seconds (or yielding before) is announced with
-#: a ``running`` status. Quicker tasks go straight to their final: one result message
-#: instead of two, which on a broker with confirms nearly doubles throughput for short
-#: tasks (benchmarks/README.md). Celery does not report STARTED at all by default.
-RUNNING_AFTER = 0.05
-
-
-class _RunningStatus:
-    """The ``running`` status of one attempt, published when it becomes worth sending.
-
-    Sent at most once: by a timer after ``after`` seconds, or at once before the first
-    partial (readers always see ``running`` before any partial). ``settle`` before the
-    final cancels a timer that has not fired and waits for a publish under way, so the
-    final never overtakes it; a failed publish raises there, as any result publish would.
-    """
-
-    def __init__(self, publish: Callable[[], Awaitable[None]], after: float) -> None:
-        self._publish = publish
-        self._sent: asyncio.Future[None] | None = None
-        self._timer = asyncio.get_running_loop().call_later(after, self._send)
-
-    def _send(self) -> asyncio.Future[None]:
-        if self._sent is None:
-            self._timer.cancel()
-            self._sent = asyncio.ensure_future(self._publish())
-            # Retrieved here in case nobody awaits it (``cancel`` after a failure).
-            self._sent.add_done_callback(lambda f: f.cancelled() or f.exception())
-        return self._sent
-
-    async def announce(self) -> None:
-        await asyncio.shield(self._send())
-
-    async def settle(self) -> None:
-        """Before the final: a status not published is logged, not raised. It is not the
-        durable result (the final carries ``started_at`` and ``worker`` too), and raising
-        would send back, to run again, a task that has already run."""
-        self._timer.cancel()
-        if self._sent is not None:
-            try:
-                await asyncio.shield(self._sent)
-            except Exception as exc:
-                log.warning("the running status was not published (%s: %s)",
-                            type(exc).__name__, exc)
-
-    def cancel(self) -> None:
-        """The attempt ends without a final (the worker stops): no late publish."""
-        self._timer.cancel()
-        if self._sent is not None and not self._sent.done():
-            self._sent.cancel()
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
@@ -124,14 +61,6 @@ def _where(backend: object) -> str:
     """A backend as the start-up line names it: its URL, redacted, or its class."""
     url = getattr(backend, "url", None)
     return redact(url) if isinstance(url, str) else type(backend).__name__
-
-
-def error_info(exc: BaseException) -> ErrorInfo:
-    return ErrorInfo(
-        type=type(exc).__qualname__,
-        message=str(exc),
-        traceback="".join(traceback.format_exception(exc)),
-    )
 
 
 class Worker:
@@ -173,6 +102,9 @@ class Worker:
         #: Runs interrupted by a cancel request (not by the worker stopping).
         self._cancelling: set[asyncio.Task[Any]] = set()
         self.processed = 0
+        #: Tasks this worker holds now (running, or waiting to be handed back), by queue.
+        self.holding: dict[str, int] = {}
+        self.report = AttemptReport(self.runtime.results_store, self.name)
         self._stop = asyncio.Event()
         self._started = asyncio.Event()
         self._threads = ThreadPoolExecutor(max_workers=concurrency,
@@ -194,10 +126,14 @@ class Worker:
             control: AsyncIterator[bytes] | None = await runtime.broker.control()
         except NotSupportedError:
             control = None
-        follow = asyncio.create_task(self._follow_control(control), name="qtasks-control")
+        follow = asyncio.create_task(
+            follow_control(control, runtime.signer, self._cancel, self._answer_ping)
+            if control is not None else asyncio.sleep(0), name="qtasks-control")
         follow.add_done_callback(_log_failure)
         consumer = asyncio.create_task(self._consume(), name="qtasks-consume")
-        lease = asyncio.create_task(self._keep_leases(), name="qtasks-lease")
+        lease = asyncio.create_task(
+            keep_leases(runtime.broker.lease_interval, self.in_flight.values),
+            name="qtasks-lease")
         self._started.set()
         # "consuming" marks readiness for scripts, tests and the benchmark harness.
         log.info("worker %s consuming %s with concurrency %d; broker %s, results %s; "
@@ -248,42 +184,20 @@ class Worker:
         self.in_flight.pop(task, None)
         self.processed += 1
 
-    async def _keep_leases(self) -> None:
-        interval = self.runtime.broker.lease_interval
-        if not interval:
-            return
-        while True:
-            await asyncio.sleep(interval)
-            deliveries = list(self.in_flight.values())
-            results = await asyncio.gather(*(d.keep_alive() for d in deliveries),
-                                           return_exceptions=True)
-            for result in results:
-                if isinstance(result, Exception):
-                    log.warning("lease keep-alive failed: %s", result)
+    def _cancel(self, task_id: str, reason: str) -> None:
+        """A cancel request: remembered, and the task interrupted if it runs here."""
+        self.revoked.add(task_id, reason)
+        running = self._executing.get(task_id)
+        if running is not None:
+            log.info("cancelling task %s on request", task_id)
+            self._cancelling.add(running)
+            running.cancel()
 
-    async def _follow_control(self, control: AsyncIterator[bytes] | None) -> None:
-        """Cancel requests: remember each, and interrupt the task if it runs here."""
-        if control is None:
-            return
-        signer = self.runtime.signer
-        try:
-            async for body in control:
-                if signer is not None and (refused := signer.verify(body)):
-                    log.error("ignoring a cancel request: %s", refused)
-                    continue
-                try:
-                    request = decode_control(body)
-                except MessageDecodeError as exc:
-                    log.error("ignoring an undecodable control message: %s", exc)
-                    continue
-                self.revoked.add(request.id, request.reason)
-                running = self._executing.get(request.id)
-                if running is not None:
-                    log.info("cancelling task %s on request", request.id)
-                    self._cancelling.add(running)
-                    running.cancel()
-        finally:
-            await close_iterator(control)
+    async def _answer_ping(self) -> None:
+        state = WorkerState(id=self.name, queues=list(self.queues),
+                            concurrency=self.concurrency, in_flight=dict(self.holding),
+                            processed=self.processed, ts=time.time())
+        await self.runtime.broker.broadcast(self.runtime.seal(encode(state)))
 
     async def _handle(self, delivery: Delivery) -> None:
         try:
@@ -316,7 +230,7 @@ class Worker:
             return
         schema = runtime.registry.get(message.task)
         if schema is None:
-            await self._end_unknown(delivery, message)
+            await self.report.unknown_task(delivery, message)
             return
         key = (message.id, message.attempt)
         lease = self._leases.get(key)
@@ -330,11 +244,17 @@ class Worker:
         current = asyncio.current_task()
         if current in self.in_flight:
             self.in_flight[current] = lease  # kept alive, or given back on a stop, as one
+        holding = self.holding
+        holding[message.queue] = holding.get(message.queue, 0) + 1
         try:
             await self._process_held(lease, message, schema)
         finally:
             if self._leases.get(key) is lease:
                 del self._leases[key]
+            if holding[message.queue] == 1:
+                del holding[message.queue]
+            else:
+                holding[message.queue] -= 1
 
     async def _process_held(self, lease: Lease, message: TaskMessage,
                             schema: TaskExecSchema) -> None:
@@ -367,7 +287,7 @@ class Worker:
                 return False  # a dead letter requeued once its task was deployed: run it
             # The final is published again (a duplicate at worst, which readers drop): a
             # store that keeps it in two places may have been left with it in one.
-            await self._publish(previous, message.headers.get("reply_to"))
+            await self.report.publish(previous, message.headers.get("reply_to"))
         elif not (previous.attempt > message.attempt
                   and previous.status == TaskStatus.RUNNING.value):
             # A later attempt that has not started yet: its message may not have been
@@ -376,30 +296,12 @@ class Worker:
         await lease.ack()
         return True
 
-    async def _end_unknown(self, delivery: Delivery, message: TaskMessage) -> None:
-        """A task this worker does not know: its submitter gets an ``error`` final at once
-        (rather than waiting out its timeout), and the message is kept as a dead letter, to
-        be requeued once a worker that knows the task is deployed."""
-        reason = f"unknown task: {message.task!r}"
-        log.error("dead-lettering task %s: %s", message.id, reason)
-        error = error_info(UnknownTaskError(
-            f"no task named {message.task!r} is registered on worker {self.name} (queue "
-            f"{message.queue!r}); the message is kept as a dead letter"))
-        base = self._event("final", message, time.time())
-        try:
-            await self._finish(delivery, message, base, TaskStatus.ERROR, None, error,
-                               settle=lambda: delivery.dead_letter(reason))
-        except Exception as exc:  # telling the submitter is best effort; keeping it is not
-            log.error("could not publish the error of task %s %s: %s", message.task,
-                      message.id, exc)
-            await delivery.dead_letter(reason)
-
     async def _end_cancelled(self, delivery: Delivery, message: TaskMessage,
                              schema: TaskExecSchema) -> None:
         """A task cancelled before it started: its final says so, and it never runs."""
         log.info("task %s %s was cancelled before it started", message.task, message.id)
-        base = self._event("final", message, time.time())
-        await self._finish(delivery, message, base, TaskStatus.CANCELLED, None,
+        base = self.report.event("final", message, time.time())
+        await self.report.finish(delivery, message, base, TaskStatus.CANCELLED, None,
                            self._cancelled(message, "before it started"), schema.result_ttl)
 
     def _cancelled(self, message: TaskMessage, when: str) -> ErrorInfo:
@@ -408,23 +310,13 @@ class Worker:
         return error_info(TaskCancelled(f"task {message.task} {message.id} was cancelled "
                                         f"{when}{': ' + reason if reason else ''}"))
 
-    def _event(self, kind: ResultKind, message: TaskMessage, started_at: float) -> ResultEvent:
-        """What every result event of this attempt says about it."""
-        return ResultEvent(kind=kind, id=message.id, task=message.task,
-                           attempt=message.attempt, started_at=started_at, worker=self.name,
-                           created_at=message.created_at or None)
-
-    async def _publish(self, event: ResultEvent, reply_to: str | None) -> None:
-        body = encode(event)
-        await self.runtime.results_store.publish(event, body, reply_to)
-
     async def _run(self, delivery: Delivery, message: TaskMessage,
                    schema: TaskExecSchema) -> None:
         reply_to = message.headers.get("reply_to")
         started_at = time.time()
-        base = self._event("status", message, started_at)
-        running = _RunningStatus(
-            lambda: self._publish(replace(base, status=TaskStatus.RUNNING.value,
+        base = self.report.event("status", message, started_at)
+        running = RunningStatus(
+            lambda: self.report.publish(replace(base, status=TaskStatus.RUNNING.value,
                                           ts=started_at), reply_to),
             self.running_after)
         try:
@@ -433,7 +325,7 @@ class Worker:
             running.cancel()
 
     async def _execute(self, delivery: Delivery, message: TaskMessage, schema: TaskExecSchema,
-                       base: ResultEvent, running: _RunningStatus,
+                       base: ResultEvent, running: RunningStatus,
                        reply_to: str | None) -> None:
         seq = 0
 
@@ -442,7 +334,7 @@ class Worker:
             await running.announce()
             event = replace(base, kind="partial", seq=seq, value=value, ts=time.time())
             seq += 1
-            await self._publish(event, reply_to)
+            await self.report.publish(event, reply_to)
 
         executor_cls = schema.executor or self.runtime.executor or default_executor(schema)
         executor = executor_cls(schema, message.args, message.kwargs,
@@ -486,29 +378,8 @@ class Worker:
         if failed_attempt is not None:
             await self._retry(delivery, message, schema, base, failed_attempt, reply_to)
             return
-        await self._finish(delivery, message, replace(base, partials=seq), status, returning,
+        await self.report.finish(delivery, message, replace(base, partials=seq), status, returning,
                            error, schema.result_ttl)
-
-    async def _finish(self, delivery: Delivery, message: TaskMessage, base: ResultEvent,
-                      status: TaskStatus, returning: Any, error: ErrorInfo | None,
-                      ttl: float | None = None,
-                      settle: Callable[[], Awaitable[None]] | None = None) -> None:
-        """Publish the final (durable; readable for ``ttl`` seconds when set), then settle
-        the message (``ack`` by default)."""
-        now = time.time()
-        final = replace(base, kind="final", status=status.value, returning=returning,
-                        error=error, finished_at=now, ts=now,
-                        expires_at=None if ttl is None else now + ttl)
-        try:
-            body = encode(final)
-        except MessageEncodeError as exc:
-            final = replace(final, status=TaskStatus.ERROR.value, returning=None,
-                            error=error_info(exc))
-            body = encode(final)
-        await self.runtime.results_store.publish(final, body, message.headers.get("reply_to"))
-        await (settle or delivery.ack)()
-        task_log.info("%s %s %s in %.3f s", message.task, message.id, final.status,
-                      now - (base.started_at or now))
 
     async def _retry(self, delivery: Delivery, message: TaskMessage, schema: TaskExecSchema,
                      base: ResultEvent, exc: Exception, reply_to: str | None) -> None:
@@ -517,7 +388,7 @@ class Worker:
         log.warning("task %s %s attempt %d failed (%s: %s); retrying in %.2f s",
                     message.task, message.id, message.attempt, type(exc).__name__, exc, delay)
         # The status goes first: the next attempt's "running" must not overtake it.
-        await self._publish(replace(base, attempt=again.attempt, status=TaskStatus.NEW.value,
+        await self.report.publish(replace(base, attempt=again.attempt, status=TaskStatus.NEW.value,
                                     error=error_info(exc), ts=time.time()), reply_to)
         await self.runtime.publish(again)
         await delivery.ack()

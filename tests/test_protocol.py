@@ -12,12 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qtasks import MessageDecodeError, MessageEncodeError, MessageTooLargeError
+from qtasks.control import ControlMessage, decode_control
 from qtasks.protocol import (
-    ControlMessage,
     ErrorInfo,
     ResultEvent,
     TaskMessage,
-    decode_control,
     decode_result,
     decode_results,
     decode_task,
