@@ -6,6 +6,7 @@ only in the bucket, and a producer and listener that speak only NATS."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import time
@@ -38,13 +39,15 @@ from qtasks import (
 )
 from qtasks.brokers.nats import NatsBroker
 from qtasks.brokers.nats.client import CoalescingClient
-from qtasks.brokers.nats.connection import parse_url, token
+from qtasks.brokers.nats.settings import parse_url, token
+from qtasks.interfaces import dead_letter_ref
 from qtasks.protocol import ResultEvent, TaskMessage, decode_result, encode, uuid7
 from qtasks.registry import redact
 from qtasks.results.nats import NatsResultStore
 from tests.contract import (
     Drain,
     check_copies_join_the_run,
+    kept_dead_letters,
     redeliver_with_final,
     running_worker,
     settled,
@@ -301,8 +304,8 @@ async def test_a_reconnect_to_a_plaintext_server_is_refused(
                 loop.call_soon_threadsafe(refused.set)
 
     handler = Refusals()
-    caplog.set_level(logging.INFO, logger="qtasks.nats")  # failed reconnects log at INFO
-    logging.getLogger("qtasks.nats").addHandler(handler)
+    caplog.set_level(logging.INFO, logger="qtasks.brokers.nats")  # failed reconnects log at INFO
+    logging.getLogger("qtasks.brokers.nats").addHandler(handler)
     broker = NatsBroker(f"tls://127.0.0.1:{secure.port}?tls_ca={certs.ca}")
     await asyncio.to_thread(secure.start)
     try:
@@ -320,7 +323,7 @@ async def test_a_reconnect_to_a_plaintext_server_is_refused(
         assert broker.conn.nc.uses_tls
         await broker.publish(*task())  # and it works
     finally:
-        logging.getLogger("qtasks.nats").removeHandler(handler)
+        logging.getLogger("qtasks.brokers.nats").removeHandler(handler)
         await broker.close()
         await asyncio.to_thread(plain.stop)
         await asyncio.to_thread(secure.stop)
@@ -361,6 +364,103 @@ async def test_max_payload_is_enforced_without_losing_the_connection(tmp_path: P
     assert partial_too_big.status is TaskStatus.ERROR
     assert partial_too_big.error is not None
     assert partial_too_big.error.type == "MessageTooLargeError"
+
+
+@contextlib.asynccontextmanager
+async def small_payloads(directory: Path, limit: int) -> AsyncIterator[tuple[str, QueueTasks]]:
+    """A private server with ``max_payload: limit``: its URL and a started producer on
+    it, closed and stopped afterwards."""
+    with private_server(str(directory), f"max_payload: {limit}") as port:
+        url = f"nats://127.0.0.1:{port}"
+        producer = QueueTasks(broker=url, results=url, embedded_worker=False)
+        try:
+            await producer.start()
+            yield url, producer
+        finally:
+            await producer.close()
+
+
+def add_app(url: str) -> QueueTasks:
+    app = QueueTasks(broker=url, results=url, embedded_worker=False)
+
+    @app.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    return app
+
+
+async def test_a_body_at_max_payload_is_dead_lettered_intact_and_the_worker_goes_on(
+        tmp_path: Path) -> None:
+    """Raw task messages as large as the server takes (one exactly ``max_payload``, no
+    room left for a header) are dead-lettered byte for byte with their reason, and the
+    same worker then runs the next task: dead-lettering never sends more than the server
+    accepts, which would make it close the connection. Requeued, they come back intact."""
+    limit = 8192
+    bodies = [b"{" * limit, b"[" * (limit - 40), b"x" * (limit - 300)]
+    async with small_payloads(tmp_path, limit) as (url, producer):
+        worker_app = add_app(url)
+        nc = await nats.connect(url)
+        try:
+            async with running_worker(worker_app):
+                js = nc.jetstream()
+                await js.publish("qtasks.tasks.default", bodies[0])  # no header at all
+                for number_, body in enumerate(bodies[1:]):
+                    await js.publish("qtasks.tasks.default", body,
+                                     headers={"Nats-Msg-Id": f"raw-{number_}"})
+                done = await producer.add_task("add", 2, 3, timeout=DEADLINE)
+                letters = await kept_dead_letters(producer, len(bodies))
+                assert await producer.broker.dead_count() == len(bodies)
+            refs = [dead_letter_ref(body) for body in bodies[:2]]
+            assert await producer.broker.requeue_dead(refs) == refs
+            assert await producer.broker.dead_count() == 1
+            async with running_worker(worker_app):  # dead-lettered again, intact again
+                again = await kept_dead_letters(producer, len(bodies))
+        finally:
+            await nc.close()
+            await worker_app.close()
+    assert done.returning == 5
+    for found in (letters, again):
+        assert sorted(letter.body for letter in found) == sorted(bodies)
+        for letter in found:
+            assert letter.queue == "default"
+            assert letter.ref == dead_letter_ref(letter.body)
+            assert letter.reason.startswith("undecodable"), letter.reason
+
+
+async def test_a_connection_closed_by_the_server_or_for_good_is_opened_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The server ends a connection after an error (here: a message over max_payload,
+    written past nats-py's own check): the same client reconnects and subscribes again.
+    A client closed for good (as nats-py leaves one after an error it does not recover
+    from) is noticed and replaced. Either way the worker goes on taking tasks."""
+    async with small_payloads(tmp_path, 8192) as (url, producer):
+        worker_app = add_app(url)
+
+        async def runs(a: int) -> int:
+            return (await producer.add_task("add", a, 1, timeout=DEADLINE)).returning
+
+        broker = worker_app.broker
+        assert isinstance(broker, NatsBroker)
+        try:
+            async with running_worker(worker_app):
+                assert await runs(1) == 2
+                first, back = broker.conn.nc, asyncio.Event()
+                broker.conn.reconnect_listeners.append(back.set)
+                transport = first._transport
+                assert transport is not None
+                transport.write(b"PUB qtasks.junk 9000\r\n" + b"x" * 9000 + b"\r\n")
+                async with asyncio.timeout(DEADLINE):
+                    await back.wait()
+                assert broker.conn.nc is first and not first.is_closed
+                assert await runs(2) == 3
+                await first.close()  # closed for good, behind the connection's back
+                assert await runs(3) == 4
+                assert broker.conn.nc is not first and broker.conn.nc.is_connected
+        finally:
+            await worker_app.close()
+    assert "maximum payload violation" in caplog.text.lower()
+    assert "opened again" in caplog.text
 
 
 # -- the shared server ------------------------------------------------------------------
@@ -632,7 +732,7 @@ async def test_a_dead_server_first_in_the_url_is_passed_over(
     """Several URLs are one cluster: with the first unreachable, broker and result store
     connect to the second and a task runs end to end. (nats-py shuffles the servers;
     ``dont_randomize`` makes sure the dead one is tried, and first.)"""
-    caplog.set_level(logging.INFO, logger="qtasks.nats")
+    caplog.set_level(logging.INFO, logger="qtasks.brokers.nats")
     dead = free_port()
     url = f"nats://127.0.0.1:{dead},{nats_url}?prefix={prefix}"
     in_order = {"connect_options": {"dont_randomize": True}}

@@ -1,9 +1,12 @@
-"""nats-py's client with two costs of the hot path taken out, and TLS made a requirement
-rather than the server's choice; see ``CoalescingClient``.
+"""nats-py's client with two costs of the hot path taken out, TLS made a requirement
+rather than the server's choice, and a server's error that ends the connection handled
+as a lost connection (reconnect) instead of the end of the client; see
+``CoalescingClient``.
 
 The overrides work on nats-py's internals (the write buffer ``_pending``,
-``_send_command``, ``_flush_queue``; ``_process_info`` and ``_transport``) exactly as its
-own ``publish``, flusher and connect do. nats-py is pinned below 3 for that reason, and
+``_send_command``, ``_flush_queue``; ``_process_info``, ``_process_err``,
+``_process_op_err`` and ``_transport``) exactly as its own ``publish``, flusher, reader
+and connect do. nats-py is pinned below 3 for that reason, and
 every NATS test goes through them.
 """
 
@@ -15,6 +18,7 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client
 from nats.protocol.command import hpub_cmd
+from nats.protocol.parser import AUTHORIZATION_VIOLATION, PERMISSIONS_ERR, STALE_CONNECTION
 
 
 class PlaintextServerError(nats.errors.Error):
@@ -40,6 +44,12 @@ class CoalescingClient(Client):
     after its INFO, before CONNECT, as a failed attempt (``PlaintextServerError``): nats-py
     goes on to the next server of the list, and ``plaintext_refused`` names the refused
     ones (``Connection.open`` makes that a ``ConfigurationError`` if no server was left).
+
+    A server's ``-ERR`` on an established connection ("Maximum Payload Violation", an
+    expired authentication ...) is followed by the server closing it. nats-py then closes
+    the client for good: no reconnect, its subscriptions dropped, and a worker that holds
+    it stays alive but never takes another task. Here it is a lost connection like any
+    other: nats-py reconnects, subscribes again and reports both (``_process_err``).
     """
 
     #: Refuse any server that does not require TLS (set before ``connect``).
@@ -69,6 +79,17 @@ class CoalescingClient(Client):
             self.plaintext_refused.add(where)
             raise PlaintextServerError(problem)
         await super()._process_info(info, initial_connection)
+
+    async def _process_err(self, err_msg: str) -> None:
+        if self.is_connecting or STALE_CONNECTION in err_msg or PERMISSIONS_ERR in err_msg:
+            await super()._process_err(err_msg)  # a refused connect; a kept connection
+            return
+        error: nats.errors.Error = nats.errors.AuthorizationError() \
+            if AUTHORIZATION_VIOLATION in err_msg else \
+            nats.errors.Error(f"nats: {err_msg.strip(chr(39))}")
+        self._err = error
+        await self._error_cb(error)
+        await self._process_op_err(error)
 
     async def publish_with_headers(self, subject: str, reply: str, payload: bytes,
                                    headers: dict[str, str]) -> None:

@@ -1,23 +1,20 @@
-"""What the NATS broker and the NATS result store share: URL and option parsing, one
-connection with reconnect bookkeeping, name encoding and retrying of JetStream calls.
+"""One NATS connection shared by a backend's parts: reconnect bookkeeping (``epoch``),
+a client the server closed for good opened again, JetStream publishes confirmed by
+PubAck, barriers, subscriptions, and retrying of JetStream calls.
 
-Private to ``qtasks.brokers.nats`` and ``qtasks.results.nats``. Names and options are
-documented in ``docs/nats.md``.
+Private to ``qtasks.brokers.nats`` and ``qtasks.results.nats``; options and URLs are
+parsed in ``settings``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import importlib
 import logging
 import re
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import nats.errors
 import nats.js.errors
@@ -29,190 +26,46 @@ from nats.js.api import StreamConfig
 
 from qtasks.brokers.nats.client import CoalescingClient, PlaintextServerError
 from qtasks.brokers.nats.pubacks import PubAcks
+from qtasks.brokers.nats.settings import (
+    configuration_problem,
+    connect_kwargs,
+    is_transient,
+    number,
+    requires_tls,
+)
 from qtasks.errors import BrokerUnavailableError, ConfigurationError
 from qtasks.registry import redact
 
-log = logging.getLogger("qtasks.nats")
+log = logging.getLogger(__name__)
+
+#: The server's -ERR for credentials it does not accept (wrong, expired, revoked).
+_REFUSAL = re.compile(r"authori[sz]ation violation|authentication", re.IGNORECASE)
 
 T = TypeVar("T")
 
-#: Every option a NATS backend accepts (URL query or keyword). The broker and the result
-#: store accept them all, because one URL usually configures both, and each reads its own:
-#: connection options, then broker (ack_wait ... dead_letter_ttl), then result store.
-OPTIONS = frozenset({
-    "prefix", "name", "replicas", "connect_timeout", "publish_timeout", "user", "password",
-    "token", "creds", "nkeys_seed", "tls_ca", "tls_cert", "tls_key", "tls_hostname",
-    "connect_options",
-    "ack_wait", "max_deliver", "max_ack_pending", "fetch_timeout", "dead_letter_ttl",
-    "ttl", "expect_timeout", "max_expected",
-})
-#: The server's -ERR for credentials it does not accept (wrong, expired, revoked).
-_REFUSAL = re.compile(r"authori[sz]ation violation|authentication", re.IGNORECASE)
-_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
-_SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+class NotStartedError(BrokerUnavailableError):
+    """A NATS backend was used before ``start()``."""
 
 
-def token(name: str) -> str:
-    """``name`` as one subject token, valid in consumer names and KV keys too.
+class Subscribed:
+    """A core subscription made through ``Connection.subscribe``; made again on the new
+    client if the connection is reopened (``Connection.reopen``)."""
 
-    Letters, digits, ``_`` and ``-`` stay; every other byte of the UTF-8 form becomes
-    ``=XX`` (upper-case hex), so ``a.b`` is ``a=2Eb``: injective, and a task name with dots
-    or spaces cannot add subject levels or wildcards. ``""`` becomes ``=``.
-    """
-    return name if _TOKEN_RE.match(name) else _escape(name)
+    __slots__ = ("conn", "handler", "options", "sub", "subject")
 
+    def __init__(self, conn: Connection, subject: str,
+                 handler: Callable[[Msg], Awaitable[None]], options: dict[str, Any]) -> None:
+        self.conn, self.subject, self.handler, self.options = conn, subject, handler, options
+        self.sub: Subscription | None = None
 
-@functools.lru_cache(maxsize=1024)  # task and queue names recur; ids take the fast path
-def _escape(name: str) -> str:
-    if not name:
-        return "="
-    return "".join(chr(b) if b in _SAFE else f"={b:02X}" for b in name.encode())
+    async def renew(self) -> None:
+        self.sub = await self.conn.nc.subscribe(self.subject, cb=self.handler, **self.options)
 
-
-def parse_url(url: str, options: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
-    """Split ``nats://a:4222,nats://b:4222?prefix=x`` (or ``nats://a:4222,b:4222``) into
-    server URLs and options. Keyword options win over the query; unknown names are refused
-    so that a typo does not silently fall back to a default."""
-    parts = [p.strip() for p in url.split(",") if p.strip()]
-    if not parts:
-        raise ConfigurationError("empty NATS URL")
-    scheme = urlsplit(parts[0]).scheme or "nats"
-    servers: list[str] = []
-    merged: dict[str, Any] = {}
-    for part in parts:
-        split = urlsplit(part if "://" in part else f"{scheme}://{part}")
-        merged.update(parse_qsl(split.query))
-        servers.append(urlunsplit((split.scheme, split.netloc, "", "", "")))
-    merged.update(options)
-    unknown = set(merged) - OPTIONS
-    if unknown:
-        raise ConfigurationError(
-            f"unknown NATS option(s) {', '.join(sorted(unknown))} in {redact(url)!r}; "
-            f"known: {', '.join(sorted(OPTIONS))}")
-    prefix = str(merged.get("prefix", "qtasks"))
-    if not _NAME_RE.match(prefix):
-        raise ConfigurationError(f"NATS prefix {prefix!r} must match [A-Za-z0-9_-]+")
-    merged["prefix"] = prefix
-    return servers, merged
-
-
-def number(options: dict[str, Any], key: str, default: float) -> float:
-    value = options.get(key, default)
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ConfigurationError(f"NATS option {key}={value!r} is not a number") from None
-
-
-def _connect_kwargs(options: dict[str, Any]) -> dict[str, Any]:
-    """The options that go to ``nats.connect``: credentials, NKeys, JWT creds, TLS.
-
-    Checked here, once, rather than left to nats-py: it reads a creds file only inside
-    its connect loop, which retries a missing file like a refused connection, and it
-    imports ``nkeys`` only when it connects. Either mistake then looked like an unreachable
-    server for ``connect_timeout`` seconds; here it is a ``ConfigurationError`` at once.
-    """
-    kwargs: dict[str, Any] = {}
-    for ours, theirs in (("user", "user"), ("password", "password"), ("token", "token"),
-                         ("creds", "user_credentials"), ("nkeys_seed", "nkeys_seed"),
-                         ("tls_hostname", "tls_hostname")):
-        if options.get(ours):
-            kwargs[theirs] = options[ours]
-    for key in ("creds", "nkeys_seed"):
-        if options.get(key):
-            _require_nkeys(key)
-            _readable(key, str(options[key]))
-    if options.get("tls_ca") or options.get("tls_cert"):
-        try:
-            context = ssl.create_default_context(cafile=options.get("tls_ca"))
-            if options.get("tls_cert"):
-                context.load_cert_chain(options["tls_cert"], options.get("tls_key"))
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise ConfigurationError(
-                f"NATS TLS options tls_ca/tls_cert/tls_key: {type(exc).__name__}: {exc}"
-            ) from None
-        kwargs["tls"] = context
-    kwargs.update(options.get("connect_options") or {})
-    return kwargs
-
-
-#: What to install for NKeys and JWT credentials, wherever their absence is found.
-NKEYS_HINT = "pip install 'nats-py[nkeys]' (qtasks[nats] includes it)"
-
-
-def _require_nkeys(option: str) -> None:
-    try:
-        importlib.import_module("nkeys")  # what nats-py imports to sign with a seed
-    except ImportError as exc:
-        raise ConfigurationError(
-            f"NATS option {option} needs the nkeys package, which is missing ({exc}): "
-            f"{NKEYS_HINT}") from None
-
-
-def _readable(option: str, path: str) -> None:
-    try:
-        with open(path, "rb") as file:
-            head = file.read(1 << 16) if option == "creds" else b""
-    except OSError as exc:
-        raise ConfigurationError(f"NATS option {option}: cannot read {path!r}: "
-                                 f"{exc.strerror or exc}") from None
-    # nats-py reads a creds file line by line until each block's marker, forever (the
-    # event loop with it) if one is missing.
-    for marker in (b"BEGIN NATS USER JWT", b"BEGIN USER NKEY SEED"):
-        if option == "creds" and marker not in head:
-            raise ConfigurationError(f"NATS option creds: {path!r} is not a credentials "
-                                     f"file (no '-----{marker.decode()}-----' block)")
-
-
-def requires_tls(servers: list[str], options: dict[str, Any]) -> bool:
-    """Whether the connection must be encrypted: a ``tls://`` server or any TLS option.
-
-    WebSocket URLs are left alone: ``wss://`` is TLS by its transport, ``ws://`` a
-    deliberate choice, and neither goes through the INFO-driven upgrade this guards."""
-    schemes = {urlsplit(server).scheme for server in servers}
-    if schemes and schemes <= {"ws", "wss"}:
-        return False
-    return "tls" in schemes or any(options.get(key) for key in (
-        "tls_ca", "tls_cert", "tls_key", "tls_hostname")) \
-        or "tls" in (options.get("connect_options") or {})
-
-
-def configuration_problem(exc: BaseException) -> str | None:
-    """What is wrong with the configuration, if ``exc`` (out of ``nats.connect``) says
-    so; ``None`` for what a retry may cure.
-
-    nats-py retries its own errors, ``OSError`` and timeouts inside ``connect``, so what
-    else escapes it (a missing ``nkeys`` module, an invalid seed, a keyword that
-    ``connect`` does not take) comes from the configuration and fails the same way on
-    every try: retrying it for ``connect_timeout`` only hid it behind "cannot connect"."""
-    if isinstance(exc, ConfigurationError):
-        return str(exc)
-    if isinstance(exc, (asyncio.TimeoutError, nats.errors.Error, OSError)):
-        return None
-    if isinstance(exc, ImportError):
-        return (f"{exc}: NKeys and JWT credentials (options creds, nkeys_seed) need "
-                f"{NKEYS_HINT}")
-    return f"{type(exc).__name__}: {exc}"
-
-
-TRANSIENT: tuple[type[BaseException], ...] = (
-    asyncio.TimeoutError,  # includes nats.errors.TimeoutError and FlushTimeoutError
-    nats.errors.NoRespondersError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.OutboundBufferLimitError,
-    nats.errors.StaleConnectionError,
-    nats.js.errors.NoStreamResponseError,
-    nats.js.errors.ServiceUnavailableError,
-    ConnectionError,
-)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for what a server restart or a leader election causes and a retry cures."""
-    if isinstance(exc, nats.js.errors.APIError) and getattr(exc, "code", None) in (503, 500):
-        return True
-    return isinstance(exc, TRANSIENT)
+    async def unsubscribe(self) -> None:
+        self.conn.subscriptions.discard(self)
+        if self.sub is not None:
+            with contextlib.suppress(Exception):
+                await self.sub.unsubscribe()
 
 
 class Connection:
@@ -220,7 +73,8 @@ class Connection:
 
     ``epoch`` grows on every disconnect and reconnect, so a component can tell whether
     something it sent with no confirmation (a core publish, a subscription) may have been
-    lost in between. ``reconnect_listeners`` run after each reconnect.
+    lost in between. ``reconnect_listeners`` run after each reconnect, and after the
+    connection was opened again because the client had closed it for good (``reopen``).
     """
 
     def __init__(self, url: str, servers: list[str], options: dict[str, Any], role: str) -> None:
@@ -245,11 +99,14 @@ class Connection:
         #: Set once ``start`` has connected and declared; cleared by ``close``.
         self.started = False
         self._start_lock = asyncio.Lock()
+        #: Core subscriptions to make again on a reopened client.
+        self.subscriptions: set[Subscribed] = set()
+        self._reopening: asyncio.Task[None] | None = None
 
     @property
     def js(self) -> JetStreamContext:
         if self._js is None:
-            raise RuntimeError("NATS backend used before start()")
+            raise NotStartedError("NATS backend used before start()")
         return self._js
 
     @property
@@ -267,7 +124,7 @@ class Connection:
         deadline = time.monotonic() + self.connect_timeout
         delay = 0.1
         self._closing = False
-        kwargs = _connect_kwargs(self.options)
+        kwargs = connect_kwargs(self.options)
         require_tls = requires_tls(self.servers, self.options)
         self.refusal = None
         while True:
@@ -348,16 +205,17 @@ class Connection:
         await asyncio.shield(self._barrier)
 
     async def subscribe(self, subject: str, handler: Callable[[Msg], Awaitable[None]],
-                        **options: Any) -> Subscription:
+                        **options: Any) -> Subscribed:
         """A core subscription already active on the server when this returns (a PING
         round trip), so nothing published afterwards is missed; removed again if that
-        cannot be proven."""
-        subscription = await self.nc.subscribe(subject, cb=handler, **options)
+        cannot be proven. It follows reconnects and a reopened client."""
+        subscription = Subscribed(self, subject, handler, options)
+        await subscription.renew()
+        self.subscriptions.add(subscription)
         try:
             await self.barrier()
         except BaseException:
-            with contextlib.suppress(Exception):
-                await subscription.unsubscribe()
+            await subscription.unsubscribe()
             raise
         return subscription
 
@@ -377,6 +235,11 @@ class Connection:
 
     async def _close(self) -> None:
         self.started = False
+        if self._reopening is not None:
+            self._reopening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reopening
+            self._reopening = None
         await self.pubacks.stop()
         nc = self.nc
         if nc.is_closed:
@@ -399,7 +262,10 @@ class Connection:
             try:
                 return await call()
             except Exception as exc:
-                if self.nc.is_closed or not is_transient(exc) or time.monotonic() > deadline:
+                # A client closed for good is no reason to stop while it is being reopened.
+                reopening = self._reopening is not None and not self._reopening.done()
+                if (not reopening and (self.nc.is_closed or not is_transient(exc))) \
+                        or time.monotonic() > deadline:
                     raise
                 log.info("NATS %s: %s failed (%s: %s); retrying", self.role, what,
                          type(exc).__name__, exc)
@@ -488,7 +354,37 @@ class Connection:
             listener()
 
     async def _on_closed(self) -> None:
-        log.debug("NATS %s connection closed", self.role)
+        if self._closing or not self.started or not self.nc.is_closed or \
+                (self._reopening is not None and not self._reopening.done()):
+            log.debug("NATS %s connection closed", self.role)
+            return
+        log.error("NATS %s: the client closed its connection to %s for good (%s); opening "
+                  "it again", self.role, redact(self.url), self.nc.last_error)
+        self._reopening = asyncio.get_running_loop().create_task(
+            self.reopen(), name=f"qtasks-nats-reopen-{self.role}")
+
+    async def reopen(self) -> None:
+        """Open a new client in place of one closed for good, retrying until it connects
+        (or ``close``), then make every subscription again and tell the listeners, as
+        after a reconnect: what was sent on the old client may be lost."""
+        delay = 0.5
+        await self.pubacks.stop()  # fails their publishes: retried on the new client
+        while True:
+            try:
+                await self.open()
+                for subscription in list(self.subscriptions):
+                    await subscription.renew()
+                break
+            except Exception as exc:
+                await _close_quietly(self.nc)
+                log.warning("NATS %s: cannot open the connection again yet (%s: %s)",
+                            self.role, type(exc).__name__, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self.epoch += 1
+        log.warning("NATS %s: connection to %s opened again", self.role, redact(self.url))
+        for listener in list(self.reconnect_listeners):
+            listener()
 
 
 async def _close_quietly(nc: Client) -> None:
