@@ -29,8 +29,8 @@ from aiormq.exceptions import ChannelLockedResource
 
 from integration.processes import ROOT
 from qtasks import QueueTasks
-from qtasks.brokers.rabbitmq.connection import AmqpSettings
 from qtasks.brokers.rabbitmq.control import control_exchange
+from qtasks.brokers.rabbitmq.settings import AmqpSettings
 
 
 def url_with(url: str, **options: object) -> str:
@@ -45,6 +45,15 @@ def rabbitmqctl(*args: str, timeout: float = 60.0) -> str:
     done = subprocess.run([tool, *args], capture_output=True, text=True, timeout=timeout,
                           check=True)
     return done.stdout
+
+
+def max_message_size() -> int:
+    """The server's ``max_message_size``: the largest message body it accepts."""
+    out = rabbitmqctl("eval", "application:get_env(rabbit, max_message_size).")
+    found = re.search(r"\{ok,\s*(\d+)\}", out)
+    if found is None:
+        raise AssertionError(f"no max_message_size in {out!r}")
+    return int(found.group(1))
 
 
 def queues_of(prefix: str) -> list[str]:

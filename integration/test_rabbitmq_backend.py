@@ -24,7 +24,9 @@ from integration.rabbitmq_support import (
     close_connection,
     connection_figure,
     consumer_prefetch,
+    max_message_size,
     open_namespace,
+    publish_raw,
     queue_arguments,
     queue_figure,
     queues_of,
@@ -40,6 +42,7 @@ from qtasks import (
     TaskStatus,
 )
 from qtasks.brokers.rabbitmq import RabbitMQBroker, RabbitMQDelivery
+from qtasks.interfaces import dead_letter_ref
 from qtasks.protocol import ResultEvent, encode, uuid7
 from qtasks.results.rabbitmq import RabbitMQResultStore
 from tests.contract import Drain, check_copies_join_the_run, running_worker, three_readers
@@ -311,8 +314,10 @@ async def test_dead_letters_can_be_listed_requeued_and_purged(namespace: Namespa
         await (await deliveries.next()).dead_letter("a reason")
         (letter,) = await broker.dead_letters()
         assert (letter.ref, letter.queue, letter.body, letter.reason) == (
-            message.id, "default", b"raw body", "a reason")
-        assert await broker.requeue_dead() == 1
+            dead_letter_ref(b"raw body"), "default", b"raw body", "a reason")
+        assert await broker.dead_count() == 1  # the queue's own count
+        assert await broker.requeue_dead(["0123456789abcdef"]) == []
+        assert await broker.requeue_dead() == [letter.ref]
         again = await deliveries.next()
         assert again.body == b"raw body"
         await again.dead_letter("twice")
@@ -324,6 +329,33 @@ async def test_dead_letters_can_be_listed_requeued_and_purged(namespace: Namespa
         assert (stats.queue, stats.ready) == ("default", 0)
     finally:
         await broker.close()
+
+
+async def test_a_body_as_large_as_rabbitmq_accepts_is_dead_lettered_whole(
+        namespace: Namespace) -> None:
+    """A task message of exactly the server's ``max_message_size`` (128 MiB by default),
+    naming a task no worker knows: dead-lettered with its reason and every byte, and the
+    worker goes on taking tasks. What dead-lettering adds (the reason and origin headers)
+    travels in the content header, which RabbitMQ does not count against the limit."""
+    limit = await asyncio.to_thread(max_message_size)
+    head = orjson.dumps({"v": 1, "id": uuid7(), "task": "no-such-task", "args": [""]})
+    body = head[:-3] + b"x" * (limit - len(head)) + head[-3:]  # the string argument padded
+    assert len(body) == limit
+    producer = namespace.app()
+    await producer.start()
+    async with running_worker(worker_app(namespace)):
+        await publish_raw(namespace, body)
+        async with asyncio.timeout(DEADLINE):
+            while await producer.broker.dead_count() < 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # counted by the server, not read: bounded
+        task = await producer.add_task("add", 2, 3, timeout=DEADLINE)
+        assert task.returning == 5  # the worker took the next task
+    (letter,) = await producer.broker.dead_letters()
+    assert (letter.queue, letter.reason) == ("default", "unknown task: 'no-such-task'")
+    assert len(letter.body) == limit and letter.body == body
+    assert letter.ref == dead_letter_ref(body)
+    del body, letter
+    assert await producer.broker.purge_dead() == 1
 
 
 async def test_a_deleted_work_queue_is_declared_again_on_publish(namespace: Namespace) -> None:
@@ -354,7 +386,7 @@ async def test_settling_after_the_server_closed_the_channel_is_logged_and_redeli
         async with asyncio.timeout(DEADLINE):
             while _alive(first):  # noqa: ASYNC110
                 await asyncio.sleep(0.01)  # until the client has seen the close, bounded
-        with caplog.at_level(logging.WARNING, "qtasks.rabbitmq"):
+        with caplog.at_level(logging.WARNING, "qtasks.brokers.rabbitmq"):
             await first.ack()  # must not raise, must not retry
         assert "could not ack" in caplog.text
         again = await deliveries.next()  # the consumer resumed on a new connection
@@ -450,7 +482,13 @@ async def test_watch_recovers_what_was_published_while_its_connection_was_down(
         for event in events[10:]:  # the reader's inbox is gone for some of these
             await writer.results_store.publish(event, encode(event), store.reply_address)
         received += [e async for e in watcher]
-    assert [(e.kind, e.seq) for e in received] == [(e.kind, e.seq) for e in events]
+    # Each partial once, in order, then the final; the status may come again with the
+    # recovered events (a reader's PartialOrder takes statuses again, the Task handle
+    # drops the repeat).
+    assert [e.seq for e in received if e.kind == "partial"] == list(range(60))
+    assert [e.kind for e in received if e.kind != "partial"][-1] == "final"
+    assert received[-1] == events[-1] and received[0] == events[0]
+    assert {e.kind for e in received[1:-1]} <= {"status", "partial"}
     assert store.reconnects == 1
     state = await reader.get(task_id)
     assert state is not None and state.status is TaskStatus.SUCCESS
@@ -468,7 +506,7 @@ async def test_keep_alive_warns_before_the_servers_consumer_timeout(
         await delivery.keep_alive()
         assert "consumer_timeout" not in caplog.text
         await asyncio.sleep(0.2)  # the passing of time is what is tested here
-        with caplog.at_level(logging.WARNING, "qtasks.rabbitmq"):
+        with caplog.at_level(logging.WARNING, "qtasks.brokers.rabbitmq"):
             await delivery.keep_alive()
             await delivery.keep_alive()  # once
         assert caplog.text.count("has been held") == 1 and "consumer_timeout" in caplog.text
@@ -495,7 +533,7 @@ async def test_the_consumer_timeout_warning_counts_the_time_in_the_prefetch_buff
         await asyncio.sleep(0.5)  # the passing of time is what is tested here
         await first.ack()
         second = await deliveries.next()
-        with caplog.at_level(logging.WARNING, "qtasks.rabbitmq"):
+        with caplog.at_level(logging.WARNING, "qtasks.brokers.rabbitmq"):
             await second.keep_alive()  # handed out just now, held for over 0.5 s
         assert caplog.text.count("has been held") == 1
         await second.ack()
@@ -509,7 +547,7 @@ async def test_an_unroutable_message_is_an_error_not_a_loss(namespace: Namespace
     try:
         await broker.start()
         with pytest.raises(QTasksError, match="unroutable"):
-            await broker.publish_raw("", f"{namespace.prefix}.no-such-queue", b"{}",
+            await broker.publisher.publish_raw("", f"{namespace.prefix}.no-such-queue", b"{}",
                                      spec.Basic.Properties(message_id="lost?"))
     finally:
         await broker.close()

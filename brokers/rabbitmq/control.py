@@ -16,7 +16,8 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustC
 from aio_pika.abc import AbstractRobustConnection as Connection
 from aiormq import spec
 
-from qtasks.brokers.rabbitmq.connection import AmqpSettings, quietly, retrying, send
+from qtasks.brokers.rabbitmq.connection import quietly, retrying, send
+from qtasks.brokers.rabbitmq.settings import AmqpSettings
 
 
 def control_exchange(settings: AmqpSettings) -> str:
