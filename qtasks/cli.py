@@ -1,6 +1,12 @@
 """The ``qtasks`` command: ``worker`` runs a worker process, ``demo`` shows streaming, and
 ``send``/``listen``/``status``/``cancel``/``inspect``/``dead`` operate a deployment from a
-shell."""
+shell (``qtasks.operator``). The parser and the checks of its values live in
+``qtasks.cli_args``; what each command prints is documented in ``docs/cli.md``.
+
+A user's mistake (a flag, an environment variable, an unreachable broker, refused
+credentials, a wait that ran out) ends in one line on stderr and an exit status, never a
+traceback: the traceback is for QTasks' own bugs.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +15,39 @@ import asyncio
 import importlib
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
-
-import orjson
+from urllib.parse import urlsplit
 
 from qtasks.app import QueueTasks
-from qtasks.errors import ConfigurationError, QTasksError
+from qtasks.cli_args import build_parser, resolve
+from qtasks.errors import ConfigurationError, QTasksError, TaskTimeoutError
+from qtasks.operator import Operator, ask_on_terminal, connect
+from qtasks.registry import redact
 
-log = logging.getLogger("qtasks.cli")
+log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+#: The broker client libraries log every failed connection attempt (aiormq at ERROR,
+#: nats-py through its callbacks); the CLI says what went wrong in one line instead.
+CLIENT_LOGGERS = ("aiormq", "aio_pika", "nats")
+
+#: What the backends say when the server refused the credentials: RabbitMQ's
+#: ACCESS_REFUSED, NATS's "Authorization Violation", or their own wording of it.
+_REFUSED = re.compile(r"refused the credentials|ACCESS_REFUSED|authori[sz]ation violation|"
+                      r"authentication failed", re.IGNORECASE)
+
+
+def explain(exc: BaseException) -> str:
+    """The one line for an error; a refusal of the credentials says so first, whatever
+    words the backend used."""
+    text = str(exc) or type(exc).__name__
+    if _REFUSED.search(text) and not text.startswith("authentication failed"):
+        text = f"authentication failed: {text}"
+    return text
 
 
 def load_app(spec: str) -> QueueTasks:
@@ -30,127 +57,122 @@ def load_app(spec: str) -> QueueTasks:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigurationError(f"cannot import {module_name!r}: {exc}") from exc
+    except (ImportError, ValueError, TypeError) as exc:  # ValueError: an empty name
+        raise ConfigurationError(f"cannot import {module_name!r} (from {spec!r}, "
+                                 f"module:attribute): {exc}") from None
     app = getattr(module, attribute or "app", None)
     if not isinstance(app, QueueTasks):
-        raise ConfigurationError(f"{spec!r} is not a QueueTasks instance")
+        found = "nothing" if app is None else type(app).__name__
+        raise ConfigurationError(f"{spec!r} is not a QueueTasks instance (found {found})")
     return app
 
 
-async def run_worker(app: QueueTasks, queues: list[str] | None, concurrency: int,
-                     grace: float) -> None:
+def setup_logging(level: int, quiet: bool = False) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level > logging.DEBUG:
+        for name in CLIENT_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    if quiet:  # the worker's one line per finished task (qtasks.running)
+        logging.getLogger("qtasks.worker.tasks").setLevel(logging.WARNING)
+
+
+def with_connect_timeout(url: str, seconds: float) -> str:
+    """``url`` with a ``connect_timeout`` query option (the last URL of a list carries
+    it: the backends read the options of every part)."""
+    return f"{url}{'&' if '?' in url.rsplit(',', 1)[-1] else '?'}connect_timeout={seconds:g}"
+
+
+def _same_place(given: str, used: object) -> bool:
+    """Whether the app's backend is at the URL given (scheme, host, port, path: the
+    backends may show their URL normalised or redacted)."""
+    if not isinstance(used, str):
+        return False
+
+    def place(url: str) -> tuple[str, str | None, int | None, str]:
+        parts = urlsplit(redact(url).split(",")[0].strip())
+        return parts.scheme, parts.hostname, parts.port, parts.path.strip("/")
+
+    try:
+        return place(given) == place(used)
+    except ValueError:  # a port that is not a number: the backend said so already
+        return False
+
+
+def prepare_worker(args: argparse.Namespace) -> QueueTasks:
+    """Load the app with ``--broker``/``--results`` applied, or refuse to start.
+
+    The flags reach the app through the environment: ``QueueTasks()`` without URLs reads
+    ``QTASKS_BROKER_URL``/``QTASKS_RESULTS_URL`` when the app module builds it, so they
+    are set before that module is imported. An app built with other URLs is refused,
+    not silently kept. So is ``memory://``: nothing outside this process can reach it."""
+    flags = {"QTASKS_BROKER_URL": args.broker, "QTASKS_RESULTS_URL": args.results}
+    for env, url in flags.items():
+        if url:
+            os.environ[env] = url
+        if args.connect_timeout is not None and os.environ.get(env):
+            os.environ[env] = with_connect_timeout(os.environ[env], args.connect_timeout)
+    app = load_app(args.app)
+    if app.broker.embedded:
+        raise ConfigurationError(
+            f"the broker of {args.app} is memory:// (in-process): no other process can "
+            "reach it, so this worker would never get a task; give it a broker with "
+            "--broker URL or QTASKS_BROKER_URL (amqp://... or nats://...)")
+    used = {"QTASKS_BROKER_URL": (app.broker, "--broker"),
+            "QTASKS_RESULTS_URL": (app.results_store, "--results")}
+    for env, url in flags.items():
+        backend, flag = used[env]
+        if url and not _same_place(url, getattr(backend, "url", None)):
+            where = redact(str(getattr(backend, "url", type(backend).__name__)))
+            raise ConfigurationError(
+                f"{flag} {redact(url)} was given, but {args.app} was built with {where}: "
+                f"build it as QueueTasks() (it then reads {env}, which {flag} sets) or "
+                f"leave out {flag}")
+    return app
+
+
+async def run_worker(app: QueueTasks, args: argparse.Namespace) -> None:
     from qtasks.worker import Worker
 
-    worker = Worker(app, queues=queues, concurrency=concurrency, grace=grace)
-    loop = asyncio.get_running_loop()
-    signals = 0
-
-    def on_signal(signum: int) -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            log.warning("%s: finishing in-flight tasks (up to %.0f s); again to stop now",
-                        signal.Signals(signum).name, grace)
-            worker.stop()
-        else:
-            worker.grace = 0
-            worker.stop()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
+    where = " / ".join(dict.fromkeys(
+        redact(str(getattr(b, "url", type(b).__name__)))
+        for b in (app.broker, app.results_store)))
     try:
+        backstop = args.connect_timeout + 5 if args.connect_timeout is not None else None
+        await connect(app, backstop, where)
+        if args.log_level > logging.DEBUG:
+            # Connected: from now on a client library's warnings (a lost connection,
+            # say) are worth a line in a long-running worker's log.
+            for name in CLIENT_LOGGERS:
+                logging.getLogger(name).setLevel(logging.WARNING)
+        worker = Worker(app, queues=args.queues, concurrency=args.concurrency,
+                        grace=args.grace)
+        loop = asyncio.get_running_loop()
+        signals = 0
+
+        def on_signal(signum: int) -> None:
+            nonlocal signals
+            signals += 1
+            if signals == 1:
+                log.warning("%s: finishing in-flight tasks (up to %.0f s); again to stop now",
+                            signal.Signals(signum).name, worker.grace)
+            else:
+                worker.grace = 0
+            worker.stop()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
         await worker.run()
     finally:
         await app.close()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-level", default=os.environ.get("QTASKS_LOG_LEVEL", "INFO"))
-    parser = argparse.ArgumentParser(prog="qtasks", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    worker = commands.add_parser("worker", help="run a worker for an app", parents=[common])
-    worker.add_argument("app", help="module:attribute of the QueueTasks app")
-    worker.add_argument("--concurrency", "-c", type=int,
-                        default=int(os.environ.get("QTASKS_CONCURRENCY", "100")))
-    worker.add_argument("--queues", "-q", default=os.environ.get("QTASKS_QUEUES"),
-                        help="comma-separated queues (default: every queue of the app)")
-    worker.add_argument("--grace", type=float,
-                        default=float(os.environ.get("QTASKS_GRACE", "30")),
-                        help="seconds in-flight tasks may take to finish on SIGTERM")
-
-    demo = commands.add_parser("demo", help="stream the seed's generator task",
-                                 parents=[common])
-    demo.add_argument("--url", default=None, help="broker URL (default: memory://)")
-    demo.add_argument("-n", type=int, default=5)
-    demo.add_argument("--delay", type=float, default=0.2)
-
-    remote = argparse.ArgumentParser(add_help=False, parents=[common])
-    remote.add_argument("--broker", default=os.environ.get("QTASKS_BROKER_URL"),
-                        help="broker URL (default: $QTASKS_BROKER_URL)")
-    remote.add_argument("--results", default=os.environ.get("QTASKS_RESULTS_URL"),
-                        help="result store URL (default: $QTASKS_RESULTS_URL, else the broker)")
-    remote.add_argument("--connect-timeout", type=float, default=10.0)
-    remote.add_argument("--json", action="store_true", help="one JSON object per line")
-
-    send = commands.add_parser("send", parents=[remote], help="enqueue a task by name")
-    send.add_argument("task")
-    send.add_argument("--args", type=_json_list, default=[], help="JSON array of arguments")
-    send.add_argument("--kwargs", type=_json_object, default={}, help="JSON object")
-    send.add_argument("--queue")
-    send.add_argument("--priority", type=int)
-    send.add_argument("--delay", type=float)
-    send.add_argument("--wait", action="store_true", help="wait for the final result")
-    send.add_argument("--stream", action="store_true", help="print partials as they arrive")
-    send.add_argument("--timeout", type=float, default=None)
-
-    listen = commands.add_parser("listen", parents=[remote],
-                                 help="print live events of a task name ('*': all)")
-    listen.add_argument("task")
-    listen.add_argument("--limit", type=int, default=None, help="stop after N events")
-
-    status = commands.add_parser("status", parents=[remote], help="one task's state")
-    status.add_argument("id")
-
-    cancel = commands.add_parser("cancel", parents=[remote],
-                                 help="ask the workers to cancel a task")
-    cancel.add_argument("id")
-    cancel.add_argument("--reason", default="", help="recorded in the task's error")
-    cancel.add_argument("--wait", action="store_true",
-                        help="wait until the task has ended and print how")
-    cancel.add_argument("--timeout", type=float, default=None)
-
-    inspect_ = commands.add_parser("inspect", parents=[remote], help="queue depths")
-    inspect_.add_argument("--queues", default="default", help="comma-separated")
-
-    dead = commands.add_parser("dead", parents=[remote], help="dead letters")
-    dead.add_argument("action", choices=["list", "requeue", "purge"])
-    dead.add_argument("refs", nargs="*", help="requeue only these (default: all)")
-    dead.add_argument("--limit", type=int, default=100)
-    return parser
-
-
-def _json_list(text: str) -> list[object]:
-    value = orjson.loads(text)
-    if not isinstance(value, list):
-        raise argparse.ArgumentTypeError("expected a JSON array, e.g. '[1, 2]'")
-    return value
-
-
-def _json_object(text: str) -> dict[str, object]:
-    value = orjson.loads(text)
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError('expected a JSON object, e.g. \'{"a": 1}\'')
-    return value
-
-
 async def run_operator(args: argparse.Namespace) -> int:
-    from qtasks.operator import Operator
-
     if not args.broker:
         raise ConfigurationError("no broker: pass --broker URL or set QTASKS_BROKER_URL")
+    if args.command == "dead" and args.action == "purge" and not args.yes \
+            and not sys.stdin.isatty():
+        # Before connecting: nothing to wait for when the answer is already no.
+        ask_on_terminal("purge every dead letter")
     async with Operator(args.broker, args.results, args.connect_timeout) as op:
         if args.command == "send":
             return await op.send(args.task, args.args, args.kwargs, queue=args.queue,
@@ -159,12 +181,13 @@ async def run_operator(args: argparse.Namespace) -> int:
         if args.command == "listen":
             return await op.listen(args.task, args.json, args.limit)
         if args.command == "status":
-            return await op.status(args.id, args.json)
+            return await op.status(args.id, args.json, args.idle)
         if args.command == "cancel":
             return await op.cancel(args.id, args.reason, args.wait, args.timeout, args.json)
         if args.command == "inspect":
-            return await op.inspect(args.queues.split(","), args.json)
-        return await op.dead(args.action, args.refs, args.limit, args.json)
+            queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+            return await op.inspect(queues, args.json)
+        return await op.dead(args.action, args.refs, args.limit, args.json, args.yes)
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
@@ -183,14 +206,12 @@ def run(main: Coroutine[Any, Any, T]) -> T:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)  # a usage error exits 2 with argparse's line
     try:
+        args = resolve(args)
+        setup_logging(args.log_level, quiet=getattr(args, "quiet", False))
         if args.command == "worker":
-            app = load_app(args.app)
-            queues = [q.strip() for q in args.queues.split(",")] if args.queues else None
-            run(run_worker(app, queues, args.concurrency, args.grace))
+            run(run_worker(prepare_worker(args), args))
             return 0
         if args.command == "demo":
             from qtasks.demo import run_demo
@@ -198,8 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             run(run_demo(args.url, args.n, args.delay))
             return 0
         return run(run_operator(args))
-    except (QTasksError, NotImplementedError) as exc:
+    except TaskTimeoutError as exc:
         print(f"qtasks: {exc}", file=sys.stderr)
+        return 3
+    except (QTasksError, NotImplementedError) as exc:
+        print(f"qtasks: {explain(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -1,0 +1,208 @@
+"""The ``qtasks`` command line: its parser, and the checks that turn a user's mistake in a
+flag or an environment variable into one line naming it, never a traceback.
+
+Environment defaults (``QTASKS_CONCURRENCY`` ...) are read after parsing, not while the
+parser is built: a bad value then says which variable holds it, and ``--help`` works
+whatever the environment holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from typing import TypeVar
+
+import orjson
+
+from qtasks.errors import ConfigurationError
+
+T = TypeVar("T")
+
+DESCRIPTION = """The qtasks command: `worker` runs a worker process, `demo` shows streaming,
+and send/listen/status/cancel/inspect/dead operate a deployment from a shell (see docs/cli.md).
+Exit status: 0 done, 1 the task failed or was not found, 2 a usage, configuration or
+connection error, 3 a --timeout ran out (the task goes on), 130 interrupted."""
+
+
+def installed_version() -> str:
+    """The version of the installed distribution (what ``pip`` installed), not a constant
+    kept by hand."""
+    try:
+        return version("qtasks")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def log_level(text: str) -> int:
+    """A logging level by name (any case) or number; a typo is refused with the names."""
+    if text.strip().isdigit():
+        return int(text)
+    level = logging.getLevelName(text.strip().upper())
+    if not isinstance(level, int):
+        raise argparse.ArgumentTypeError(
+            f"unknown log level {text!r}; use DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return level
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, not {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, not {text!r}") from None
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected 0 or more seconds, not {text}")
+    return value
+
+
+def json_list(text: str) -> list[object]:
+    """``--args``: argparse names the option in front of this message."""
+    value = _json(text)
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError("expected a JSON array, e.g. '[1, 2]'")
+    return value
+
+
+def json_object(text: str) -> dict[str, object]:
+    """``--kwargs``: argparse names the option in front of this message."""
+    value = _json(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('expected a JSON object, e.g. \'{"a": 1}\'')
+    return value
+
+
+def _json(text: str) -> object:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+
+
+def from_env(value: T | None, name: str, convert: Callable[[str], T], default: T) -> T:
+    """The flag's value if given, else environment variable ``name`` checked with the
+    flag's own check (an error names the variable), else ``default``."""
+    if value is not None:
+        return value
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return convert(raw)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigurationError(f"{name}={raw!r}: {exc}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", type=log_level, default=None,
+                        help="DEBUG, INFO (default), WARNING ... (default: $QTASKS_LOG_LEVEL)")
+    parser = argparse.ArgumentParser(prog="qtasks", description=DESCRIPTION)
+    parser.add_argument("--version", action="version",
+                        version=f"qtasks {installed_version()}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    urls = argparse.ArgumentParser(add_help=False, parents=[common])
+    urls.add_argument("--broker", default=None,
+                      help="broker URL (default: $QTASKS_BROKER_URL)")
+    urls.add_argument("--results", default=None,
+                      help="result store URL (default: $QTASKS_RESULTS_URL, else the broker)")
+
+    worker = commands.add_parser("worker", help="run a worker for an app", parents=[urls])
+    worker.add_argument("app", help="module:attribute of the QueueTasks app")
+    worker.add_argument("--concurrency", "-c", type=positive_int, default=None,
+                        help="tasks at once (default: $QTASKS_CONCURRENCY, else 100)")
+    worker.add_argument("--queues", "-q", default=None,
+                        help="comma-separated queues (default: $QTASKS_QUEUES, else every "
+                             "queue of the app)")
+    worker.add_argument("--grace", type=seconds, default=None,
+                        help="seconds in-flight tasks may take to finish on SIGTERM "
+                             "(default: $QTASKS_GRACE, else 30)")
+    worker.add_argument("--connect-timeout", type=seconds, default=None,
+                        help="give up connecting after this many seconds (default: the "
+                             "backend's, 30 s for RabbitMQ and NATS)")
+    worker.add_argument("--quiet", action="store_true",
+                        help="no INFO line per finished task")
+
+    demo = commands.add_parser("demo", help="stream the seed's generator task",
+                               parents=[common])
+    demo.add_argument("--url", default=None, help="broker URL (default: memory://)")
+    demo.add_argument("-n", type=positive_int, default=5)
+    demo.add_argument("--delay", type=seconds, default=0.2)
+
+    remote = argparse.ArgumentParser(add_help=False, parents=[urls])
+    remote.add_argument("--connect-timeout", type=seconds, default=10.0)
+    remote.add_argument("--json", action="store_true",
+                        help="one JSON object per line (shapes: docs/cli.md)")
+
+    send = commands.add_parser("send", parents=[remote], help="enqueue a task by name")
+    send.add_argument("task")
+    send.add_argument("--args", type=json_list, default=[], help="JSON array of arguments")
+    send.add_argument("--kwargs", type=json_object, default={},
+                      help="JSON object of keyword arguments (any names, options included: "
+                           "they are the task's)")
+    send.add_argument("--queue")
+    send.add_argument("--priority", type=int)
+    send.add_argument("--delay", type=seconds)
+    send.add_argument("--wait", action="store_true", help="wait for the final result")
+    send.add_argument("--stream", action="store_true", help="print partials as they arrive")
+    send.add_argument("--timeout", type=seconds, default=None,
+                      help="with --wait/--stream: give up waiting after this many seconds")
+
+    listen = commands.add_parser("listen", parents=[remote],
+                                 help="print live events of a task name ('*': all)")
+    listen.add_argument("task")
+    listen.add_argument("--limit", type=positive_int, default=None,
+                        help="stop after N events")
+
+    status = commands.add_parser("status", parents=[remote], help="one task's state")
+    status.add_argument("id")
+    status.add_argument("--idle", type=seconds, default=0.5,
+                        help="stop reading a running task's partials after this many "
+                             "seconds without one")
+
+    cancel = commands.add_parser("cancel", parents=[remote],
+                                 help="ask the workers to cancel a task")
+    cancel.add_argument("id")
+    cancel.add_argument("--reason", default="", help="recorded in the task's error")
+    cancel.add_argument("--wait", action="store_true",
+                        help="wait until the task has ended and print how")
+    cancel.add_argument("--timeout", type=seconds, default=None)
+
+    inspect_ = commands.add_parser("inspect", parents=[remote], help="queue depths")
+    inspect_.add_argument("--queues", default="default", help="comma-separated")
+
+    dead = commands.add_parser("dead", parents=[remote], help="dead letters")
+    dead.add_argument("action", choices=["list", "requeue", "purge"])
+    dead.add_argument("refs", nargs="*", help="requeue only these (default: all)")
+    dead.add_argument("--limit", type=positive_int, default=100)
+    dead.add_argument("--yes", "-y", action="store_true",
+                      help="purge without asking (needed when not on a terminal)")
+    return parser
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill what the environment may give (the URLs, the log level, the worker's numbers),
+    checking each value where it came from."""
+    args.log_level = from_env(args.log_level, "QTASKS_LOG_LEVEL", log_level, logging.INFO)
+    if hasattr(args, "broker") and args.command != "worker":  # the worker: see cli.py
+        args.broker = args.broker or os.environ.get("QTASKS_BROKER_URL") or None
+        args.results = args.results or os.environ.get("QTASKS_RESULTS_URL") or None
+    if args.command == "worker":
+        args.concurrency = from_env(args.concurrency, "QTASKS_CONCURRENCY", positive_int, 100)
+        args.grace = from_env(args.grace, "QTASKS_GRACE", seconds, 30.0)
+        queues = args.queues or os.environ.get("QTASKS_QUEUES") or ""
+        args.queues = [q.strip() for q in queues.split(",") if q.strip()] or None
+    return args
+
