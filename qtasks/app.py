@@ -331,8 +331,8 @@ class QueueTasks:
         return self._sync
 
     def __repr__(self) -> str:
-        broker = getattr(self.broker, "url", type(self.broker).__name__)
-        return f"<QueueTasks broker={redact(str(broker))} tasks={len(self.registry)}>"
+        broker = redact(self.broker.url) if self.broker.url else type(self.broker).__name__
+        return f"<QueueTasks broker={broker} tasks={len(self.registry)}>"
 
 
 class TaskFunction:

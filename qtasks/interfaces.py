@@ -143,6 +143,8 @@ class Broker(abc.ABC):
     max_message_size: int | None = None
     #: True for an in-process broker: the app then runs an embedded worker by itself.
     embedded: ClassVar[bool] = False
+    #: The URL it was made from (shown redacted in logs and the worker's start-up line).
+    url: str = ""
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -220,6 +222,8 @@ class ResultStore(abc.ABC):
 
     #: Seconds a task's results stay readable after they were published.
     ttl: float = 24 * 3600.0
+    #: The URL it was made from (shown redacted in logs and the worker's start-up line).
+    url: str = ""
 
     @abc.abstractmethod
     async def start(self) -> None:

@@ -32,7 +32,7 @@ from qtasks.errors import (
     TaskTimeLimitExceeded,
 )
 from qtasks.executors import default_executor
-from qtasks.interfaces import Delivery, close_iterator
+from qtasks.interfaces import Broker, Delivery, ResultStore, close_iterator
 from qtasks.lease import Lease, keep_leases
 from qtasks.protocol import ErrorInfo, ResultEvent, TaskMessage, decode_task, encode
 from qtasks.registry import redact
@@ -57,10 +57,9 @@ def _log_failure(task: asyncio.Task[None]) -> None:
         log.error("%s failed; the worker goes on without it", task.get_name(), exc_info=exc)
 
 
-def _where(backend: object) -> str:
+def _where(backend: Broker | ResultStore) -> str:
     """A backend as the start-up line names it: its URL, redacted, or its class."""
-    url = getattr(backend, "url", None)
-    return redact(url) if isinstance(url, str) else type(backend).__name__
+    return redact(backend.url) if backend.url else type(backend).__name__
 
 
 class Worker:
