@@ -200,6 +200,35 @@ def test_cli_inspect_and_dead_letters(deployment: Deployment) -> None:
         client.close()
 
 
+def test_cli_inspect_counts_workers_and_their_tasks_alike_on_every_broker(
+        deployment: Deployment) -> None:
+    """In flight and consumers are filled on both brokers (RabbitMQ has no unacked count
+    over AMQP, NATS no consumer count for a shared pull consumer): from the workers'
+    answers to a ping, or the broker's own figure where it has one."""
+    app = deployment.app()
+    client = app.sync
+    try:
+        with workers(deployment.env, count=2):
+            tasks = [client.add_task("long_task", f"held{i}", 30) for i in range(3)]
+            wait_for(lambda: len(list(deployment.test_dir.glob("started-held*"))) == 3,
+                     what="three tasks running")
+            shown = deployment.qtasks("inspect", "--json")
+            assert shown.returncode == 0, shown.stderr
+            report = orjson.loads(shown.stdout)
+            [default] = report["queues"]
+            assert default["in_flight"] == 3 and default["consumers"] == 2
+            assert len(report["workers"]) == 2
+            assert sum(sum(w["in_flight"].values()) for w in report["workers"]) == 3
+            table = deployment.qtasks("inspect").stdout
+            assert any(line.split()[:4] == ["default", "0", "3", "2"]
+                       for line in table.splitlines()), table
+            for task in tasks:
+                client.cancel(task.id)
+                task.wait(DEADLINE)
+    finally:
+        client.close()
+
+
 def test_cli_unreachable_broker_is_a_clear_error(deployment: Deployment) -> None:
     url = ("amqp://guest:s3cret@127.0.0.1:1/" if deployment.name == "rabbitmq"
            else "nats://user:s3cret@127.0.0.1:1")

@@ -20,6 +20,7 @@ from typing import Any, TextIO
 import orjson
 
 from qtasks.app import QueueTasks
+from qtasks.control import WorkerState, ping_workers
 from qtasks.errors import (
     BrokerUnavailableError,
     ConfigurationError,
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 #: QTasks' own backends log each retry while they connect; a command reports the outcome
 #: in one line instead (``--log-level DEBUG`` shows them).
 BACKEND_LOGGERS = ("qtasks.brokers", "qtasks.results")
+#: How long ``inspect`` listens for the workers' answers to its ping: every connected
+#: worker answers at once, so this is a round trip with room for a busy worker's loop.
+PING_WAIT = 0.5
 
 
 def _clock(ts: float | None) -> str:
@@ -279,20 +283,45 @@ class Operator:
         return 0 if task.status.value == "cancelled" else 1
 
     async def inspect(self, queues: Sequence[str], as_json: bool) -> int:
+        """Each queue's depth from the broker; what the broker cannot say (RabbitMQ's
+        unacked count, how many workers share a NATS pull consumer) from the workers'
+        answers to a ping, so the columns mean the same on every broker."""
         stats = await self.broker.inspect(queues)
+        workers = await self.workers()
+        for s in stats:
+            serving = [w for w in workers if s.queue in w.queues]
+            if s.in_flight is None:
+                s.in_flight = sum(w.in_flight.get(s.queue, 0) for w in serving)
+            if s.consumers is None:
+                s.consumers = len(serving)
         try:
             dead: int | None = await self.broker.dead_count()
         except NotSupportedError:
             dead = None
         if as_json:
-            self.say(_json({"queues": [asdict(s) for s in stats], "dead_letters": dead}))
+            self.say(_json({"queues": [asdict(s) for s in stats], "dead_letters": dead,
+                            "workers": [w.to_dict() for w in workers]}))
             return 0
         self.say(f"{'queue':<24} {'ready':>8} {'in flight':>10} {'consumers':>10}")
         for s in stats:
             self.say(f"{s.queue:<24} {s.ready:>8} {_opt(s.in_flight):>10} "
                      f"{_opt(s.consumers):>10}")
         self.say(f"dead letters: {_opt(dead)}")
+        for w in workers:
+            self.say(f"worker {w.id} ({w.host} pid {w.pid}): {sum(w.in_flight.values())}/"
+                     f"{w.concurrency} in flight, {w.processed} handled, "
+                     f"queues {','.join(w.queues)}")
         return 0
+
+    async def workers(self) -> list[WorkerState]:
+        """The workers connected now, as they answer a ping (none where the broker has
+        no control channel)."""
+        try:
+            control = await self.broker.control()
+        except NotSupportedError:
+            return []
+        return await ping_workers(self.broker.broadcast, control, self.app.runtime.seal,
+                                  wait=PING_WAIT)
 
     async def dead(self, action: str, refs: Sequence[str], limit: int, as_json: bool,
                    yes: bool = False) -> int:

@@ -94,6 +94,7 @@ class Connection:
         self.last_error: Exception | None = None
         #: The server's refusal of our credentials during the current ``open``, if any.
         self.refusal: Exception | None = None
+        self.opening = False  # inside ``open``: a refusal ends it at once
         self._barrier: asyncio.Task[None] | None = None
         self.pubacks = PubAcks()
         #: Set once ``start`` has connected and declared; cleared by ``close``.
@@ -126,7 +127,7 @@ class Connection:
         self._closing = False
         kwargs = connect_kwargs(self.options)
         require_tls = requires_tls(self.servers, self.options)
-        self.refusal = None
+        self.refusal, self.opening = None, True
         while True:
             nc = CoalescingClient()
             nc.require_tls = require_tls
@@ -168,7 +169,7 @@ class Connection:
             raise ConfigurationError(
                 f"NATS at {redact(self.url)}: connected without TLS although TLS was asked "
                 "for (a tls:// URL or a tls_* option); refusing to use the connection")
-        self.nc = nc
+        self.nc, self.opening = nc, False
         self._js = nc.jetstream(timeout=5.0)
         self.pubacks = PubAcks()
         await self.pubacks.start(nc)
@@ -331,6 +332,9 @@ class Connection:
         self.last_error = exc
         if _REFUSAL.search(str(exc)) or isinstance(exc, nats.errors.AuthorizationError):
             self.refusal = exc
+            if self.opening:  # refused credentials never get better: end nats-py's loop
+                raise ConfigurationError(
+                    f"the server refused the credentials: {type(exc).__name__}: {exc}")
         # While reconnecting, each failed attempt reports here: routine, not a warning,
         # except a server refused for not offering TLS, which someone must fix.
         level = logging.WARNING if self.nc.is_connected \

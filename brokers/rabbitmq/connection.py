@@ -52,8 +52,15 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     AMQPConnectionError, ChannelInvalidStateError, ConnectionError, OSError, TimeoutError,
 )
 
+#: How RabbitMQ refuses credentials: aio-pika's error, or aiormq's when the server closes
+#: the connection during the handshake (what 3.x does for a wrong password). Retrying it
+#: only hides the cause behind "cannot connect" for ``connect_timeout`` seconds.
+REFUSED: tuple[type[BaseException], ...] = (
+    AuthenticationError, aiormq.exceptions.ProbableAuthenticationError)
+
+
 def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, AuthenticationError | PublishError):
+    if isinstance(exc, (*REFUSED, PublishError)):
         return False
     # A nack (not a return) means the broker could not take the message right now.
     return isinstance(exc, TRANSIENT) or isinstance(exc, DeliveryError)
@@ -89,7 +96,7 @@ async def connect(settings: AmqpSettings, name: str) -> AbstractRobustConnection
                     log.info("connecting to %s (attempt %d)", settings.display_url,
                              attempt.retry_state.attempt_number)
                 return await _connect_once(settings, name)
-    except AuthenticationError as exc:
+    except REFUSED as exc:
         raise ConfigurationError(
             f"RabbitMQ at {settings.display_url} refused the credentials: "
             f"{_scrub(str(exc), settings)}") from None
