@@ -14,13 +14,15 @@ import hashlib
 import hmac
 import re
 
+from qtasks.errors import ConfigurationError, MessageEncodeError
+
 _SUFFIX = re.compile(rb',"sig":"([0-9a-f]{64})"\}\s*$')
 
 
 class Signer:
     def __init__(self, key: str | bytes) -> None:
         if not key:
-            raise ValueError("the signing key must not be empty")
+            raise ConfigurationError("the signing key must not be empty")
         self._key = key.encode() if isinstance(key, str) else key
 
     def _digest(self, body: bytes) -> str:
@@ -29,7 +31,7 @@ class Signer:
     def sign(self, body: bytes) -> bytes:
         body = body.rstrip()
         if not body.endswith(b"}") or body == b"{}":
-            raise ValueError("only a non-empty JSON object can be signed")
+            raise MessageEncodeError("only a non-empty JSON object can be signed")
         return body[:-1] + b',"sig":"' + self._digest(body).encode() + b'"}'
 
     def verify(self, signed: bytes) -> str | None:

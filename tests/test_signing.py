@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from qtasks.errors import ConfigurationError, MessageEncodeError
 from qtasks.protocol import TaskMessage, decode_task, encode
 from qtasks.signing import Signer
 
@@ -27,7 +28,7 @@ def test_every_tampering_is_refused() -> None:
     assert Signer("key").verify(body) == "unsigned message"
     assert Signer("key").verify(signed.replace(b"[1,2]", b"[1,3]")) is not None
     assert Signer("key").verify(signed.replace(b'"t"', b'"u"')) is not None
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigurationError, match="must not be empty"):
         Signer("")
-    with pytest.raises(ValueError):
+    with pytest.raises(MessageEncodeError, match="non-empty JSON object"):
         Signer("key").sign(b"[1]")
