@@ -238,7 +238,7 @@ def load_body(body: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise MessageDecodeError(f"body is JSON but not an object: {type(data).__name__}")
     version = data.get("v")
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:  # True == 1, 1.0 == 1
         raise MessageDecodeError(f"unsupported protocol version {version!r}")
     return data
 

@@ -59,10 +59,16 @@ async def test_inspect_and_dead_letters(setup: tuple[str, QueueTasks, io.StringI
         await op.app.broker.publish(TaskMessage(id="x", task="add"), b"garbage")
         await op.inspect(["default"], as_json=True)
         assert orjson.loads(out.getvalue()) == {
-            "queues": [{"queue": "default", "ready": 2, "in_flight": 0, "consumers": None}],
-            "dead_letters": 0}
+            "queues": [{"queue": "default", "ready": 2, "in_flight": 0, "consumers": 0}],
+            "dead_letters": 0, "workers": []}
         async with running_worker(worker_app) as worker:
             await settled(worker, 2)
+            out.truncate(0)
+            out.seek(0)
+            await op.inspect(["default"], as_json=True)
+            seen = orjson.loads(out.getvalue())
+            assert seen["queues"][0]["consumers"] == 1
+            assert [w["id"] for w in seen["workers"]] == [worker.name]
         out.truncate(0)
         out.seek(0)
         await op.dead("list", [], 10, as_json=True)
