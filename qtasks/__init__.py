@@ -1,6 +1,7 @@
 """QTasks: an asyncio-first, broker-agnostic task queue that streams every ``yield``."""
 
 from qtasks.app import QueueTasks, TaskFunction
+from qtasks.context import TaskContext, current_task
 from qtasks.errors import (
     BrokerUnavailableError,
     ConfigurationError,
@@ -18,6 +19,7 @@ from qtasks.errors import (
 )
 from qtasks.executors import AsyncTaskExecutor, BaseTaskExecutor, SyncTaskExecutor
 from qtasks.interfaces import Broker, DeadLetter, Delivery, QueueStats, ResultStore
+from qtasks.middleware import DeadLettered, Middleware, Outcome, WorkerInfo
 from qtasks.protocol import ErrorInfo, ResultEvent, TaskMessage
 from qtasks.schema import RetryPolicy, TaskExecSchema, TaskStatus
 from qtasks.task import Restarted, Task
@@ -30,13 +32,16 @@ __all__ = [
     "BrokerUnavailableError",
     "ConfigurationError",
     "DeadLetter",
+    "DeadLettered",
     "Delivery",
     "ErrorInfo",
     "MessageDecodeError",
     "MessageEncodeError",
     "MessageTooLargeError",
+    "Middleware",
     "NotSupportedError",
     "OptionError",
+    "Outcome",
     "QTasksError",
     "QueueStats",
     "QueueTasks",
@@ -47,6 +52,7 @@ __all__ = [
     "SyncTaskExecutor",
     "Task",
     "TaskCancelled",
+    "TaskContext",
     "TaskExecSchema",
     "TaskFailedError",
     "TaskFunction",
@@ -56,4 +62,6 @@ __all__ = [
     "TaskTimeoutError",
     "UnknownTaskError",
     "Worker",
+    "WorkerInfo",
+    "current_task",
 ]

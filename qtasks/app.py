@@ -14,6 +14,7 @@ from typing import Any, overload
 from qtasks.errors import ConfigurationError, OptionError
 from qtasks.executors import BaseTaskExecutor
 from qtasks.interfaces import Broker, ResultStore, close_iterator
+from qtasks.middleware import Middleware, MiddlewareChain
 from qtasks.options import SendOptions, check_arguments, colliding_parameters
 from qtasks.protocol import DEFAULT_MAX_MESSAGE_SIZE, ResultEvent, TaskMessage, uuid7
 from qtasks.registry import broker_from_url, redact, results_from_url
@@ -50,6 +51,7 @@ class QueueTasks:
         concurrency: int = 100,
         embedded_worker: bool | None = None,
         signing_key: str | bytes | None = None,
+        middleware: Sequence[Middleware] = (),
     ) -> None:
         broker = broker or os.environ.get("QTASKS_BROKER_URL") or "memory://"
         results = results or os.environ.get("QTASKS_RESULTS_URL") \
@@ -59,7 +61,8 @@ class QueueTasks:
             broker_from_url(broker) if isinstance(broker, str) else broker,
             results_from_url(results) if isinstance(results, str) else results,
             executor=executor, max_message_size=max_message_size,
-            default_queue=default_queue, signer=Signer(signing_key) if signing_key else None)
+            default_queue=default_queue, signer=Signer(signing_key) if signing_key else None,
+            middleware=MiddlewareChain(middleware))
         self.concurrency = concurrency
         self.embedded_worker = self.broker.embedded if embedded_worker is None else embedded_worker
         self._embedded: Worker | None = None  # the in-process worker, for an embedded broker

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import inspect
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -82,7 +83,8 @@ class BaseTaskExecutor:
     async def in_thread(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run blocking code off the loop, so one sync task never stalls the others."""
         loop = asyncio.get_running_loop()
-        call = functools.partial(func, *args, **kwargs)
+        # In a copy of the task's context, so qtasks.current_task() works in the thread.
+        call = functools.partial(contextvars.copy_context().run, func, *args, **kwargs)
         return await loop.run_in_executor(self.thread_pool, call)
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import abc
 import hashlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from qtasks.errors import NotSupportedError
 from qtasks.protocol import ResultEvent, TaskMessage
@@ -113,6 +113,13 @@ class Delivery(abc.ABC):
         to another worker. Called every ``Broker.lease_interval`` seconds; a no-op where
         the lease lasts as long as the connection (RabbitMQ)."""
 
+#: Why a message was dead-lettered, as a short class (never free text, so that it can
+#: label a metric): ``undecodable`` (no valid task message), ``unknown_task``,
+#: ``unsigned`` and ``forged`` (a signing key is set), ``delivery_limit`` (delivered too
+#: often without being settled: its workers died or stalled).
+DeadLetterReason = Literal["undecodable", "unknown_task", "unsigned", "forged",
+                           "delivery_limit"]
+
 
 class Broker(abc.ABC):
     """Carries task messages from producers to competing workers.
@@ -127,6 +134,10 @@ class Broker(abc.ABC):
     #: priority sets this False; the app then refuses a non-zero priority at configuration
     #: time instead of ignoring it.
     supports_priority: bool = True
+    #: Called as ``(queue, reason, detail)`` when the broker's consumer dead-letters a
+    #: message on its own (``delivery_limit``), so that the worker's middleware hears of
+    #: it as of the dead letters the worker makes itself. None: nobody listens.
+    on_dead_letter: Callable[[str, DeadLetterReason, str], None] | None = None
     #: The highest priority it can order by (RabbitMQ's ``x-max-priority``), or None for
     #: no bound. The app refuses a priority outside ``0..max_priority`` rather than have
     #: it clamped silently.

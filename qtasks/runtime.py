@@ -16,6 +16,7 @@ import time
 from qtasks.control import ControlMessage
 from qtasks.errors import ConfigurationError
 from qtasks.interfaces import Broker, ResultStore
+from qtasks.middleware import MiddlewareChain
 from qtasks.protocol import TaskMessage, encode
 from qtasks.schema import ExecutorClass, TaskExecSchema
 from qtasks.signing import Signer
@@ -26,7 +27,8 @@ class Runtime:
 
     def __init__(self, broker: Broker, results_store: ResultStore, *,
                  executor: ExecutorClass | None, max_message_size: int,
-                 default_queue: str, signer: Signer | None) -> None:
+                 default_queue: str, signer: Signer | None,
+                 middleware: MiddlewareChain | None = None) -> None:
         self.broker = broker
         self.results_store = results_store
         #: The app-wide executor for tasks that name none (None: by the function's kind).
@@ -34,6 +36,8 @@ class Runtime:
         self.max_message_size = max_message_size
         self.default_queue = default_queue
         self.signer = signer
+        #: Called around every publish here and around every attempt of a worker.
+        self.middleware = middleware if middleware is not None else MiddlewareChain()
         self.registry: dict[str, TaskExecSchema] = {}
         self._started = False
         self._start_lock: asyncio.Lock | None = None
@@ -72,7 +76,13 @@ class Runtime:
         limit = self.max_message_size
         if self.broker.max_message_size is not None:
             limit = min(limit, self.broker.max_message_size)
+        middleware = self.middleware
+        if middleware:
+            message.headers = dict(message.headers)  # a middleware's header is this copy's
+            middleware.before_publish(message)
         await self.broker.publish(message, self.seal(encode(message, max_size=limit)))
+        if middleware:
+            middleware.after_publish(message)
 
     def seal(self, body: bytes) -> bytes:
         """Signed when a signing key is set (task messages and cancel requests alike)."""

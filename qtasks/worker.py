@@ -1,10 +1,9 @@
-"""The worker: takes task messages from the broker, runs them, publishes their results.
+"""The worker: takes task messages from the broker and decides whether each one runs.
 
 One delivery's life: decode (or dead-letter), find the task (or dead-letter), wait out a
-``not_before`` (hand it back with ``retry_later``), execute under ``max_time`` while
-every yield is published as a partial (``running`` is published before the first, or once
-the task has run for ``running_after`` seconds), then publish the final (or, if
-the task may retry, enqueue the next attempt) and only then ack. Any fault is caught at the
+``not_before`` (hand it back with ``retry_later``), settle a redelivery of an attempt
+that already ended, honour a cancel request heard before the start; then
+``qtasks.attempt`` runs it (partials, final or retry, ack). Any fault is caught at the
 level of its delivery: one task's failure never reaches another or the worker.
 """
 
@@ -19,24 +18,18 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
-from typing import Any, Protocol
+from typing import Protocol
 
+from qtasks.attempt import AttemptRunner
 from qtasks.cancellation import REVOKE_TTL, Revocations
 from qtasks.control import WorkerState, follow_control
-from qtasks.errors import (
-    ConfigurationError,
-    MessageDecodeError,
-    NotSupportedError,
-    TaskCancelled,
-    TaskTimeLimitExceeded,
-)
-from qtasks.executors import default_executor
-from qtasks.interfaces import Broker, Delivery, ResultStore, close_iterator
+from qtasks.errors import ConfigurationError, MessageDecodeError, NotSupportedError
+from qtasks.interfaces import Broker, DeadLetterReason, Delivery, ResultStore, close_iterator
 from qtasks.lease import Lease, keep_leases
-from qtasks.protocol import ErrorInfo, ResultEvent, TaskMessage, decode_task, encode
+from qtasks.middleware import DeadLettered, WorkerInfo
+from qtasks.protocol import TaskMessage, decode_task, encode
 from qtasks.registry import redact
-from qtasks.running import RUNNING_AFTER, AttemptReport, RunningStatus, error_info
+from qtasks.running import RUNNING_AFTER, AttemptReport
 from qtasks.runtime import Runtime
 from qtasks.schema import TaskExecSchema, TaskStatus
 
@@ -88,18 +81,13 @@ class Worker:
         self.queues = queues or self.runtime.queues()
         self.concurrency = concurrency
         self.grace = grace
-        self.running_after = running_after
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.in_flight: dict[asyncio.Task[None], Delivery] = {}
         #: Cancel requests heard (``QueueTasks.cancel``), by task id.
         self.revoked = Revocations(revoke_ttl)
-        #: Tasks whose function runs now, by task id: what a cancel request interrupts.
-        self._executing: dict[str, asyncio.Task[Any]] = {}
         #: Runs in progress by (task id, attempt): a delivery of one of them again joins
         #: it instead of starting a second run (``qtasks.lease``).
         self._leases: dict[tuple[str, int], Lease] = {}
-        #: Runs interrupted by a cancel request (not by the worker stopping).
-        self._cancelling: set[asyncio.Task[Any]] = set()
         self.processed = 0
         #: Tasks this worker holds now (running, or waiting to be handed back), by queue.
         self.holding: dict[str, int] = {}
@@ -108,6 +96,10 @@ class Worker:
         self._started = asyncio.Event()
         self._threads = ThreadPoolExecutor(max_workers=concurrency,
                                            thread_name_prefix="qtasks-sync")
+        self.runner = AttemptRunner(self.runtime, self.report, self.revoked, self._threads,
+                                    running_after)
+        self.middleware = self.runtime.middleware
+        self.info = WorkerInfo(self.name, tuple(self.queues), concurrency)
 
     async def wait_started(self) -> None:
         await self._started.wait()
@@ -120,6 +112,8 @@ class Worker:
         runtime = self.runtime
         await runtime.start()
         await runtime.broker.declare(self.queues)
+        if self.middleware:
+            runtime.broker.on_dead_letter = self.middleware.broker_dead_letter
         try:
             # Subscribed before consuming: no request for a task this worker takes is missed.
             control: AsyncIterator[bytes] | None = await runtime.broker.control()
@@ -133,6 +127,7 @@ class Worker:
         lease = asyncio.create_task(
             keep_leases(runtime.broker.lease_interval, self.in_flight.values),
             name="qtasks-lease")
+        self.middleware.worker_start(self.info)
         self._started.set()
         # "consuming" marks readiness for scripts, tests and the benchmark harness.
         log.info("worker %s consuming %s with concurrency %d; broker %s, results %s; "
@@ -155,6 +150,7 @@ class Worker:
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await helper  # a failure was logged when it happened
             self._threads.shutdown(wait=False, cancel_futures=True)
+            self.middleware.worker_stop(self.info)
             log.info("worker %s stopped after %d tasks", self.name, self.processed)
 
     async def _drain(self) -> None:
@@ -186,11 +182,7 @@ class Worker:
     def _cancel(self, task_id: str, reason: str) -> None:
         """A cancel request: remembered, and the task interrupted if it runs here."""
         self.revoked.add(task_id, reason)
-        running = self._executing.get(task_id)
-        if running is not None:
-            log.info("cancelling task %s on request", task_id)
-            self._cancelling.add(running)
-            running.cancel()
+        self.runner.cancel(task_id)
 
     async def _answer_ping(self) -> None:
         state = WorkerState(id=self.name, queues=list(self.queues),
@@ -220,16 +212,20 @@ class Worker:
         if runtime.signer is not None and (refused := runtime.signer.verify(delivery.body)):
             log.error("dead-lettering a task message: %s", refused)
             await delivery.dead_letter(refused)
+            self._dead_lettered("unsigned" if refused.startswith("unsigned") else "forged",
+                                refused)
             return
         try:
             message = decode_task(delivery.body)
         except MessageDecodeError as exc:
             log.error("dead-lettering an undecodable message: %s", exc)
             await delivery.dead_letter(f"undecodable: {exc}")
+            self._dead_lettered("undecodable", f"undecodable: {exc}")
             return
         schema = runtime.registry.get(message.task)
         if schema is None:
             await self.report.unknown_task(delivery, message)
+            self._dead_lettered("unknown_task", f"unknown task: {message.task!r}", message)
             return
         key = (message.id, message.attempt)
         lease = self._leases.get(key)
@@ -262,7 +258,7 @@ class Worker:
             if wait > 0.001:
                 if self.revoked.reason(message.id) is not None:
                     # Now, not when due: by then this worker may have forgotten the request.
-                    await self._end_cancelled(lease, message, schema)
+                    await self.runner.end_cancelled(lease, message, schema)
                 else:
                     await lease.retry_later(wait)
                 return
@@ -271,9 +267,16 @@ class Worker:
         # No await from this check until the task is registered as executing, so a
         # cancel request is either seen here or interrupts the run.
         if self.revoked.reason(message.id) is not None:
-            await self._end_cancelled(lease, message, schema)
+            await self.runner.end_cancelled(lease, message, schema)
             return
-        await self._run(lease, message, schema)
+        await self.runner.run(lease, message, schema)
+
+    def _dead_lettered(self, reason: DeadLetterReason, detail: str,
+                       message: TaskMessage | None = None) -> None:
+        if self.middleware:
+            # An undecodable body names no queue: the first queue this worker consumes.
+            queue = message.queue if message is not None else self.queues[0]
+            self.middleware.on_dead_letter(DeadLettered(queue, reason, detail, message))
 
     async def _already_done(self, lease: Lease, message: TaskMessage) -> bool:
         """A redelivered attempt that already ended (only its ack was lost) is settled
@@ -294,100 +297,3 @@ class Worker:
             return False
         await lease.ack()
         return True
-
-    async def _end_cancelled(self, delivery: Delivery, message: TaskMessage,
-                             schema: TaskExecSchema) -> None:
-        """A task cancelled before it started: its final says so, and it never runs."""
-        log.info("task %s %s was cancelled before it started", message.task, message.id)
-        base = self.report.event("final", message, time.time())
-        await self.report.finish(delivery, message, base, TaskStatus.CANCELLED, None,
-                           self._cancelled(message, "before it started"), schema.result_ttl)
-
-    def _cancelled(self, message: TaskMessage, when: str) -> ErrorInfo:
-        """The final's error for a task ended by a cancel request, with its reason."""
-        reason = self.revoked.reason(message.id)
-        return error_info(TaskCancelled(f"task {message.task} {message.id} was cancelled "
-                                        f"{when}{': ' + reason if reason else ''}"))
-
-    async def _run(self, delivery: Delivery, message: TaskMessage,
-                   schema: TaskExecSchema) -> None:
-        reply_to = message.headers.get("reply_to")
-        started_at = time.time()
-        base = self.report.event("status", message, started_at)
-        running = RunningStatus(
-            lambda: self.report.publish(replace(base, status=TaskStatus.RUNNING.value,
-                                          ts=started_at), reply_to),
-            self.running_after)
-        try:
-            await self._execute(delivery, message, schema, base, running, reply_to)
-        finally:
-            running.cancel()
-
-    async def _execute(self, delivery: Delivery, message: TaskMessage, schema: TaskExecSchema,
-                       base: ResultEvent, running: RunningStatus,
-                       reply_to: str | None) -> None:
-        seq = 0
-
-        async def publish_partial(value: Any) -> None:
-            nonlocal seq
-            await running.announce()
-            event = replace(base, kind="partial", seq=seq, value=value, ts=time.time())
-            seq += 1
-            await self.report.publish(event, reply_to)
-
-        executor_cls = schema.executor or self.runtime.executor or default_executor(schema)
-        executor = executor_cls(schema, message.args, message.kwargs,
-                                publish=publish_partial, thread_pool=self._threads)
-        max_time = message.max_time if message.max_time is not None else schema.max_time
-        status, returning, error = TaskStatus.SUCCESS, None, None
-        failed_attempt: Exception | None = None  # to be retried
-        timer = asyncio.timeout(max_time)
-        current = asyncio.current_task()
-        assert current is not None
-        self._executing[message.id] = current
-        try:
-            async with timer:
-                returning = await executor.execute()
-        except TimeoutError as exc:
-            if not timer.expired():
-                status, error = TaskStatus.ERROR, error_info(exc)
-            else:
-                status = TaskStatus.ERROR
-                error = error_info(TaskTimeLimitExceeded(
-                    f"task {message.task} {message.id} exceeded max_time of {max_time} s"))
-        except asyncio.CancelledError as exc:
-            if current in self._cancelling and current.uncancel() == 0:
-                status = TaskStatus.CANCELLED
-                error = self._cancelled(message, "while running")
-            elif current.cancelling():
-                raise  # the worker is stopping: not the task's outcome
-            else:
-                status, error = TaskStatus.CANCELLED, error_info(exc)  # cancelled itself
-        except Exception as exc:
-            if schema.retry.should_retry(message.attempt, exc):
-                failed_attempt = exc
-            else:
-                status, error = TaskStatus.ERROR, error_info(exc)
-        finally:
-            # From here on a cancel request no longer interrupts: the outcome is decided.
-            if self._executing.get(message.id) is current:  # not a second run of the id
-                del self._executing[message.id]
-            self._cancelling.discard(current)
-        await running.settle()
-        if failed_attempt is not None:
-            await self._retry(delivery, message, schema, base, failed_attempt, reply_to)
-            return
-        await self.report.finish(delivery, message, replace(base, partials=seq), status, returning,
-                           error, schema.result_ttl)
-
-    async def _retry(self, delivery: Delivery, message: TaskMessage, schema: TaskExecSchema,
-                     base: ResultEvent, exc: Exception, reply_to: str | None) -> None:
-        delay = schema.retry.delay(message.attempt)
-        again = replace(message, attempt=message.attempt + 1, not_before=time.time() + delay)
-        log.warning("task %s %s attempt %d failed (%s: %s); retrying in %.2f s",
-                    message.task, message.id, message.attempt, type(exc).__name__, exc, delay)
-        # The status goes first: the next attempt's "running" must not overtake it.
-        await self.report.publish(replace(base, attempt=again.attempt, status=TaskStatus.NEW.value,
-                                    error=error_info(exc), ts=time.time()), reply_to)
-        await self.runtime.publish(again)
-        await delivery.ack()

@@ -103,7 +103,8 @@ class NatsBroker(Broker):
         await self.declare(queues)
         consumption = Consumption(self.conn, self.topology, self.dead, self.unsettled, queues,
                                   prefetch, max_deliver=self.max_deliver,
-                                  fetch_timeout=self.fetch_timeout)
+                                  fetch_timeout=self.fetch_timeout,
+                                  on_dead_letter=self.on_dead_letter)
         self._consumptions.add(consumption)
         await consumption.start()
         try:

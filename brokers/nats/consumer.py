@@ -27,7 +27,7 @@ from nats.aio.msg import Msg
 from qtasks.brokers.nats.connection import Connection, Subscribed
 from qtasks.brokers.nats.dead_letters import DeadLetters
 from qtasks.brokers.nats.topology import NOT_BEFORE, Topology, read_float
-from qtasks.interfaces import Delivery
+from qtasks.interfaces import DeadLetterReason, Delivery
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +190,12 @@ class Consumption:
 
     def __init__(self, conn: Connection, topology: Topology, dead_letters: DeadLetters,
                  unsettled: set[NatsDelivery], queues: Sequence[str], prefetch: int, *,
-                 max_deliver: int, fetch_timeout: float) -> None:
+                 max_deliver: int, fetch_timeout: float,
+                 on_dead_letter: Callable[[str, DeadLetterReason, str], None] | None = None,
+                 ) -> None:
         self.conn = conn
+        #: Told of each message this consumer dead-letters on its own (``Broker``).
+        self.on_dead_letter = on_dead_letter
         self.topology = topology
         self.dead_letters = dead_letters
         self.unsettled = unsettled
@@ -327,6 +331,8 @@ class Consumption:
                       f"{self.max_deliver}: the workers running it died or stalled")
             log.error("dead-lettering %r: %s", delivery, reason)
             self._side(delivery.dead_letter(reason))
+            if self.on_dead_letter is not None:
+                self.on_dead_letter(delivery.queue, "delivery_limit", reason)
         elif wait > 0.001:
             self._side(delivery.retry_later(wait))
         else:

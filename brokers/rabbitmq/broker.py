@@ -63,7 +63,7 @@ class RabbitMQBroker(OnAmqpConnection, Broker):
         return self.publisher.publish(message, body)
 
     def consume(self, queues: Sequence[str], prefetch: int) -> AsyncIterator[Delivery]:
-        return self.consumers.consume(queues, prefetch)
+        return self.consumers.consume(queues, prefetch, self.on_dead_letter)
 
     # -- control (cancel requests): control.py -------------------------------------------
 

@@ -25,7 +25,7 @@ from qtasks.brokers.rabbitmq.delivery import (
     header_int,
 )
 from qtasks.brokers.rabbitmq.topology import REDELIVERIES, TaskPublisher
-from qtasks.interfaces import Delivery
+from qtasks.interfaces import DeadLetterReason, Delivery
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,16 @@ class TaskConsumers:
         self.publisher = publisher
         self.active: set[TaskConsumer] = set()
 
-    async def consume(self, queues: Sequence[str], prefetch: int) -> AsyncIterator[Delivery]:
+    async def consume(
+        self, queues: Sequence[str], prefetch: int,
+        on_dead_letter: Callable[[str, DeadLetterReason, str], None] | None = None,
+    ) -> AsyncIterator[Delivery]:
         publisher = self.publisher
         await publisher.connection.start()
         for queue in queues:
             await publisher.ensure_queue(queue)
         consumer = TaskConsumer(publisher, self.active, queues, prefetch)
+        consumer.on_dead_letter = on_dead_letter
         self.active.add(consumer)
         try:
             await consumer.open(publisher.connection.live)
@@ -98,6 +102,8 @@ class TaskConsumer:
         # which RabbitMQ can only limit per consumer); the rest waits unacked in ``inbox``.
         self.slots = asyncio.Semaphore(max(1, min(prefetch, self.prefetch)))
         self.unsettled = 0
+        #: Told of each message this consumer dead-letters on its own (``Broker``).
+        self.on_dead_letter: Callable[[str, DeadLetterReason, str], None] | None = None
         self.stopped = False
         self.closed = False
         self.channel: AbstractRobustChannel | None = None
@@ -211,9 +217,11 @@ class TaskConsumer:
         if count + 1 >= settings.delivery_limit:
             log.error("dead-lettering task message %s: delivered %d times (delivery_limit)",
                       properties.message_id, count + 1)
-            await internal.dead_letter(
-                f"redelivery limit: delivered {count + 1} times without being settled "
-                f"(delivery_limit={settings.delivery_limit})")
+            reason = (f"redelivery limit: delivered {count + 1} times without being settled "
+                      f"(delivery_limit={settings.delivery_limit})")
+            await internal.dead_letter(reason)
+            if self.on_dead_letter is not None:
+                self.on_dead_letter(name, "delivery_limit", reason)
             return None
         await internal.count_redelivery(count + 1)
         return None
