@@ -24,6 +24,7 @@ from qtasks.signing import Signer
 from qtasks.sync import SyncApp
 from qtasks.task import Task
 from qtasks.worker import Worker
+from qtasks.workers import PING_WAIT, LiveWorker, WorkersChange, live_workers, watch_workers
 
 DEFAULT_QUEUE = "default"
 
@@ -325,6 +326,19 @@ class QueueTasks:
                 yield event
         finally:
             await close_iterator(events)
+
+    # -- live workers (qtasks.workers) -----------------------------------------------
+
+    async def workers(self, wait: float = PING_WAIT) -> list[LiveWorker]:
+        """The live workers by name (host, pid, queues, concurrency, in flight, done,
+        failed, uptime, last seen): a ping, and what every worker says within ``wait``."""
+        return await live_workers(self.runtime, wait)
+
+    def watch_workers(self, ping: bool = True) -> AsyncIterator[WorkersChange]:
+        """Every change of the live set as it happens (``joined``, ``updated`` on each
+        heartbeat, ``left`` on a goodbye, ``lost`` after three missed heartbeats), each
+        with the whole set after it; close the iterator to stop."""
+        return watch_workers(self.runtime, ping_first=ping)
 
     @property
     def sync(self) -> SyncApp:

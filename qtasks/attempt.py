@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from concurrent.futures import Executor
 from dataclasses import replace
 from typing import Any
@@ -44,6 +45,8 @@ class AttemptRunner:
         self._executing: dict[str, asyncio.Task[Any]] = {}
         #: Runs interrupted by a cancel request (not by the worker stopping).
         self._cancelling: set[asyncio.Task[Any]] = set()
+        #: How many attempts ended so, by outcome: what the heartbeat reports.
+        self.ended: Counter[str] = Counter()
 
     def cancel(self, task_id: str) -> None:
         """Interrupt ``task_id`` if it runs here (the request is already in ``revoked``)."""
@@ -57,6 +60,7 @@ class AttemptRunner:
                             schema: TaskExecSchema) -> None:
         """A task cancelled before it started: its final says so, and it never runs."""
         log.info("task %s %s was cancelled before it started", message.task, message.id)
+        self.ended["cancelled"] += 1
         base = self.report.event("final", message, time.time())
         await self.report.finish(delivery, message, base, TaskStatus.CANCELLED, None,
                                  self._cancelled(message, "before it started"),
@@ -88,6 +92,7 @@ class AttemptRunner:
                 delivery, message, schema, base, running, context)
         finally:
             running.cancel()
+            self.ended[outcome] += 1
             self.middleware.after_run(context, Outcome(
                 outcome, time.time() - started_at, partials, error))
 

@@ -1,7 +1,7 @@
 """The ``qtasks`` command: ``worker`` runs a worker process, ``demo`` shows streaming, and
-``send``/``listen``/``status``/``cancel``/``inspect``/``dead`` operate a deployment from a
-shell (``qtasks.operator``). The parser and the checks of its values live in
-``qtasks.cli_args``; what each command prints is documented in ``docs/cli.md``.
+``send``/``listen``/``status``/``cancel``/``inspect``/``workers``/``dead`` operate a deployment
+from a shell (``qtasks.operator``, ``qtasks.workers_command``). The parser and the checks of
+its values live in ``qtasks.cli_args``; what each command prints is documented in ``docs/cli.md``.
 
 A user's mistake (a flag, an environment variable, an unreachable broker, refused
 credentials, a wait that ran out) ends in one line on stderr and an exit status, never a
@@ -27,6 +27,7 @@ from qtasks.cli_args import build_parser, resolve
 from qtasks.errors import ConfigurationError, QTasksError, TaskTimeoutError
 from qtasks.operator import Operator, ask_on_terminal, connect
 from qtasks.registry import redact
+from qtasks.workers_command import show_workers, watch_workers
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -145,7 +146,7 @@ async def run_worker(app: QueueTasks, args: argparse.Namespace) -> None:
             for name in CLIENT_LOGGERS:
                 logging.getLogger(name).setLevel(logging.WARNING)
         worker = Worker(app, queues=args.queues, concurrency=args.concurrency,
-                        grace=args.grace)
+                        grace=args.grace, heartbeat=args.heartbeat)
         loop = asyncio.get_running_loop()
         signals = 0
 
@@ -187,6 +188,10 @@ async def run_operator(args: argparse.Namespace) -> int:
         if args.command == "inspect":
             queues = [q.strip() for q in args.queues.split(",") if q.strip()]
             return await op.inspect(queues, args.json)
+        if args.command == "workers":
+            if args.watch:
+                return await watch_workers(op.app, args.json, args.limit)
+            return await show_workers(op.app, args.json, args.wait)
         return await op.dead(args.action, args.refs, args.limit, args.json, args.yes)
 
 

@@ -22,7 +22,8 @@ from qtasks.errors import ConfigurationError
 T = TypeVar("T")
 
 DESCRIPTION = """The qtasks command: `worker` runs a worker process, `demo` shows streaming,
-and send/listen/status/cancel/inspect/dead operate a deployment from a shell (see docs/cli.md).
+and send/listen/status/cancel/inspect/workers/dead operate a deployment from a shell (see
+docs/cli.md).
 Exit status: 0 done, 1 the task failed or was not found, 2 a usage, configuration or
 connection error, 3 a --timeout ran out (the task goes on), 130 interrupted."""
 
@@ -54,6 +55,13 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected 1 or more, not {value}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    value = seconds(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected more than 0 seconds, not {text}")
     return value
 
 
@@ -134,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "backend's, 30 s for RabbitMQ and NATS)")
     worker.add_argument("--quiet", action="store_true",
                         help="no INFO line per finished task")
+    worker.add_argument("--heartbeat", type=positive_seconds, default=None,
+                        help="seconds between heartbeats on the control channel (a killed "
+                             "worker drops off `qtasks workers` after three; default: "
+                             "$QTASKS_HEARTBEAT, else 2)")
 
     demo = commands.add_parser("demo", help="stream the seed's generator task",
                                parents=[common])
@@ -181,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("--timeout", type=seconds, default=None)
 
     inspect_ = commands.add_parser("inspect", parents=[remote], help="queue depths")
+    workers = commands.add_parser("workers", parents=[remote], help="the live workers")
+    workers.add_argument("--wait", type=seconds, default=0.5,
+                         help="seconds to collect the workers' answers to a ping")
+    workers.add_argument("--watch", action="store_true",
+                         help="print each change (joined, updated, left, lost) as it happens")
+    workers.add_argument("--limit", type=positive_int, default=None,
+                         help="with --watch: stop after N changes")
     inspect_.add_argument("--queues", default="default", help="comma-separated")
 
     dead = commands.add_parser("dead", parents=[remote], help="dead letters")
@@ -202,6 +221,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.command == "worker":
         args.concurrency = from_env(args.concurrency, "QTASKS_CONCURRENCY", positive_int, 100)
         args.grace = from_env(args.grace, "QTASKS_GRACE", seconds, 30.0)
+        args.heartbeat = from_env(args.heartbeat, "QTASKS_HEARTBEAT", positive_seconds, 2.0)
         queues = args.queues or os.environ.get("QTASKS_QUEUES") or ""
         args.queues = [q.strip() for q in queues.split(",") if q.strip()] or None
     return args

@@ -22,8 +22,9 @@ from typing import Protocol
 
 from qtasks.attempt import AttemptRunner
 from qtasks.cancellation import REVOKE_TTL, Revocations
-from qtasks.control import WorkerState, follow_control
+from qtasks.control import WorkerPhase, WorkerState, follow_control, qtasks_version
 from qtasks.errors import ConfigurationError, MessageDecodeError, NotSupportedError
+from qtasks.heartbeat import DEFAULT_HEARTBEAT, Heartbeat
 from qtasks.interfaces import Broker, DeadLetterReason, Delivery, ResultStore, close_iterator
 from qtasks.lease import Lease, keep_leases
 from qtasks.middleware import DeadLettered, WorkerInfo
@@ -60,7 +61,8 @@ class Worker:
 
     ``run()`` returns after ``stop()``: it stops taking work, lets in-flight tasks finish
     for ``grace`` seconds, and gives the rest back to the broker unacked (another worker
-    runs them).
+    runs them). While it runs it heartbeats on the control channel every ``heartbeat``
+    seconds (``qtasks.heartbeat``), and says goodbye once stopped.
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class Worker:
         name: str | None = None,
         running_after: float = RUNNING_AFTER,
         revoke_ttl: float = REVOKE_TTL,
+        heartbeat: float = DEFAULT_HEARTBEAT,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) \
                 or concurrency < 1:
@@ -100,6 +103,9 @@ class Worker:
                                     running_after)
         self.middleware = self.runtime.middleware
         self.info = WorkerInfo(self.name, tuple(self.queues), concurrency)
+        self.started_at = 0.0
+        self.heartbeat = Heartbeat(self.runtime.broker.broadcast, self.runtime.seal,
+                                   self.describe, heartbeat)
 
     async def wait_started(self) -> None:
         await self._started.wait()
@@ -128,6 +134,11 @@ class Worker:
             keep_leases(runtime.broker.lease_interval, self.in_flight.values),
             name="qtasks-lease")
         self.middleware.worker_start(self.info)
+        self.started_at = time.time()
+        beating = asyncio.create_task(
+            self.heartbeat.run() if control is not None else asyncio.sleep(0),
+            name="qtasks-heartbeat")
+        beating.add_done_callback(_log_failure)
         self._started.set()
         # "consuming" marks readiness for scripts, tests and the benchmark harness.
         log.info("worker %s consuming %s with concurrency %d; broker %s, results %s; "
@@ -145,10 +156,12 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await consumer
             await self._drain()
-            for helper in (lease, follow):
+            for helper in (lease, follow, beating):
                 helper.cancel()
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await helper  # a failure was logged when it happened
+            if control is not None:
+                await self.heartbeat.goodbye()  # the last word: nothing is sent after it
             self._threads.shutdown(wait=False, cancel_futures=True)
             self.middleware.worker_stop(self.info)
             log.info("worker %s stopped after %d tasks", self.name, self.processed)
@@ -184,11 +197,20 @@ class Worker:
         self.revoked.add(task_id, reason)
         self.runner.cancel(task_id)
 
+    def describe(self, phase: WorkerPhase | None = None) -> WorkerState:
+        """This worker as its pings answers and heartbeats tell it (``phase`` None:
+        ``alive``, or ``stopping`` once a stop has begun)."""
+        ended = self.runner.ended
+        return WorkerState(
+            id=self.name, queues=list(self.queues), concurrency=self.concurrency,
+            in_flight=dict(self.holding), processed=self.processed, ts=time.time(),
+            state=phase or ("stopping" if self._stop.is_set() else "alive"),
+            heartbeat=self.heartbeat.interval, started_at=self.started_at,
+            done=ended["success"], failed=ended["error"], retried=ended["retry"],
+            cancelled=ended["cancelled"], version=qtasks_version())
+
     async def _answer_ping(self) -> None:
-        state = WorkerState(id=self.name, queues=list(self.queues),
-                            concurrency=self.concurrency, in_flight=dict(self.holding),
-                            processed=self.processed, ts=time.time())
-        await self.runtime.broker.broadcast(self.runtime.seal(encode(state)))
+        await self.runtime.broker.broadcast(self.runtime.seal(encode(self.describe())))
 
     async def _handle(self, delivery: Delivery) -> None:
         try:
