@@ -131,12 +131,30 @@ def prepare_worker(args: argparse.Namespace) -> QueueTasks:
     return app
 
 
+def serve_metrics(app: QueueTasks, port: int, host: str) -> Callable[[], None]:
+    """``--metrics-port``: add a PrometheusMiddleware to the app's chain (or use the one it
+    has) and serve it; returns what stops the server. Only here is prometheus_client
+    imported, so a worker without the flag never loads it."""
+    try:
+        from qtasks.metrics import PrometheusMiddleware
+    except ImportError as exc:
+        raise ConfigurationError(f"--metrics-port: {exc}") from None
+    chain = app.runtime.middleware
+    found = [m for m in chain.middleware if isinstance(m, PrometheusMiddleware)]
+    metrics = found[0] if found else PrometheusMiddleware()
+    if not found:
+        chain.add(metrics)
+    return metrics.serve(port, host).close
+
+
 async def run_worker(app: QueueTasks, args: argparse.Namespace) -> None:
     from qtasks.worker import Worker
 
     where = " / ".join(dict.fromkeys(
         redact(str(getattr(b, "url", type(b).__name__)))
         for b in (app.broker, app.results_store)))
+    stop_metrics = (serve_metrics(app, args.metrics_port, args.metrics_host)
+                    if getattr(args, "metrics_port", None) is not None else None)
     try:
         backstop = args.connect_timeout + 5 if args.connect_timeout is not None else None
         await connect(app, backstop, where)
@@ -165,6 +183,8 @@ async def run_worker(app: QueueTasks, args: argparse.Namespace) -> None:
         await worker.run()
     finally:
         await app.close()
+        if stop_metrics is not None:
+            stop_metrics()
 
 
 async def run_operator(args: argparse.Namespace) -> int:

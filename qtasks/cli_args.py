@@ -58,6 +58,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port(text: str) -> int:
+    """A TCP port, 0 (any free one) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, not {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, not {value}")
+    return value
+
+
 def positive_seconds(text: str) -> float:
     value = seconds(text)
     if not 0 < value < float("inf"):
@@ -146,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds between heartbeats on the control channel (a killed "
                              "worker drops off `qtasks workers` after three; default: "
                              "$QTASKS_HEARTBEAT, else 2)")
+    worker.add_argument("--metrics-port", type=port, default=None,
+                        help="serve Prometheus metrics on http://HOST:PORT/metrics (needs "
+                             "qtasks[metrics]; 0: a free port, logged; default: "
+                             "$QTASKS_METRICS_PORT, else none)")
+    worker.add_argument("--metrics-host", default="127.0.0.1",
+                        help="the address --metrics-port binds (default 127.0.0.1; "
+                             "0.0.0.0 for every interface)")
 
     demo = commands.add_parser("demo", help="stream the seed's generator task",
                                parents=[common])
@@ -222,6 +240,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.concurrency = from_env(args.concurrency, "QTASKS_CONCURRENCY", positive_int, 100)
         args.grace = from_env(args.grace, "QTASKS_GRACE", seconds, 30.0)
         args.heartbeat = from_env(args.heartbeat, "QTASKS_HEARTBEAT", positive_seconds, 2.0)
+        args.metrics_port = from_env(args.metrics_port, "QTASKS_METRICS_PORT", port, None)
         queues = args.queues or os.environ.get("QTASKS_QUEUES") or ""
         args.queues = [q.strip() for q in queues.split(",") if q.strip()] or None
     return args

@@ -122,10 +122,24 @@ class MiddlewareChain:
                 raise TypeError(f"middleware must be Middleware instances, not "
                                 f"{type(item).__name__} {item!r}")
         self.middleware = tuple(middleware)
-        self._calls: dict[str, tuple[Callable[..., None], ...]] = {
+        self._calls: dict[str, tuple[Callable[..., None], ...]] = {}
+        self._index()
+
+    def _index(self) -> None:
+        self._calls = {
             hook: tuple(getattr(m, hook) for m in self.middleware
                         if getattr(type(m), hook) is not getattr(Middleware, hook))
             for hook in _HOOKS}
+
+    def add(self, middleware: Middleware) -> None:
+        """Append one more, after those given at construction: what ``qtasks worker
+        --metrics-port`` does to the app it loaded. Call it before the worker starts (a
+        worker reads whether the chain is empty when it starts)."""
+        if not isinstance(middleware, Middleware):
+            raise TypeError(f"middleware must be Middleware instances, not "
+                            f"{type(middleware).__name__} {middleware!r}")
+        self.middleware = (*self.middleware, middleware)
+        self._index()
 
     def __bool__(self) -> bool:
         return bool(self.middleware)
