@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,9 +19,10 @@ class WorkerProcess:
     """``python -m qtasks worker integration.apps:app`` with its output collected."""
 
     def __init__(self, env: dict[str, str], concurrency: int = 10, queues: str | None = None,
-                 grace: float = 10.0) -> None:
-        cmd = [sys.executable, "-m", "qtasks", "worker", "integration.apps:app",
-               "--concurrency", str(concurrency), "--grace", str(grace)]
+                 grace: float = 10.0, app: str = "integration.apps:app",
+                 extra: Sequence[str] = ()) -> None:
+        cmd = [sys.executable, "-m", "qtasks", "worker", app,
+               "--concurrency", str(concurrency), "--grace", str(grace), *extra]
         if queues:
             cmd += ["--queues", queues]
         self.proc = subprocess.Popen(
