@@ -26,10 +26,11 @@ async def noop() -> None:
 
 
 @app.task
-async def count_up(n: int) -> AsyncIterator[int]:
-    """Yields 0 .. n-1 as fast as the worker can publish them."""
-    for i in range(n):
-        yield i
+async def burst(n: int) -> AsyncIterator[float]:
+    """Yields its own ``time.time()`` ``n`` times as fast as the worker takes them, never
+    awaiting in between: the burst whose partials must not be held back by batching."""
+    for _ in range(n):
+        yield time.time()
 
 
 @app.task

@@ -40,6 +40,51 @@ def rss_mb(pid: int | None = None) -> float:
     return float(psutil.Process(pid or os.getpid()).memory_info().rss) / 1e6
 
 
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds the processes ``pids`` have used so far (0 for one that
+    is gone), their children not included."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+class CpuMeter:
+    """CPU seconds per role (``worker``, ``producer``, ``broker`` …) over one measured
+    window: a figure that moves far less than a rate when a neighbour is noisy, since
+    time spent waiting for the CPU is not counted."""
+
+    def __init__(self, roles: dict[str, Sequence[int]]) -> None:
+        self.roles = {role: list(pids) for role, pids in roles.items() if pids}
+        self.started: dict[str, float] = {}
+
+    def start(self) -> None:
+        self.started = {role: cpu_seconds(pids) for role, pids in self.roles.items()}
+
+    def stop(self) -> dict[str, float]:
+        return {role: cpu_seconds(pids) - self.started[role]
+                for role, pids in self.roles.items()}
+
+
+def listening_pids(port: int) -> list[int]:
+    """The processes listening on TCP ``port`` on this machine (the broker), found once
+    per step by the orchestrator; empty when psutil may not see them."""
+    import psutil
+
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except psutil.Error:
+        return []
+    return sorted({c.pid for c in connections
+                   if c.pid and c.status == psutil.CONN_LISTEN and c.laddr.port == port})
+
+
 def emit_result(data: dict[str, Any]) -> None:
     """The one line the orchestrator reads from a child process."""
     sys.stdout.write(RESULT + orjson.dumps(data).decode() + "\n")
@@ -85,13 +130,18 @@ async def windowed(count: int, window: int, op: Callable[[int], Awaitable[None]]
 
 
 async def timed_windowed(count: int, window: int, op: Callable[[int], Awaitable[None]],
-                         deadline: float) -> dict[str, Any]:
+                         deadline: float, cpu: dict[str, list[int]] | None = None,
+                         ) -> dict[str, Any]:
     """``windowed``, timed: the result a raw client reports (wall clock, so that a peer
-    process's timestamps compare with it)."""
+    process's timestamps compare with it), with the CPU seconds this process (the
+    ``publisher``) and those of ``cpu`` used meanwhile."""
+    meter = CpuMeter({"publisher": [os.getpid()], **(cpu or {})})
+    meter.start()
     t0 = time.time()
     await windowed(count, window, op, deadline)
     t1 = time.time()
-    return {"t0": t0, "t1": t1, "rate": count / (t1 - t0), "loop": loop_name()}
+    return {"t0": t0, "t1": t1, "rate": count / (t1 - t0), "cpu": meter.stop(),
+            "loop": loop_name()}
 
 
 class Replies:

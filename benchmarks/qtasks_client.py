@@ -12,7 +12,7 @@ import os
 import time
 from typing import Any
 
-from benchmarks.common import emit_ready, loop_name, rss_mb, windowed
+from benchmarks.common import CpuMeter, emit_ready, loop_name, rss_mb, windowed
 from qtasks import Task
 
 
@@ -78,20 +78,25 @@ async def _round_trips(bench: Any, n: int, window: int, deadline: float,
     return t0, last_enqueued, t1
 
 
-async def end_to_end(n: int, window: int, warmup: int, timeout: float) -> dict[str, Any]:
+async def end_to_end(n: int, window: int, warmup: int, timeout: float,
+                     cpu: dict[str, list[int]] | None = None) -> dict[str, Any]:
     """Tasks/s from the first ``add_task`` until the producer holds all ``n`` final
-    results, after ``warmup`` tasks the same way."""
+    results, after ``warmup`` tasks the same way; and the CPU seconds this producer and
+    the processes of ``cpu`` (role -> pids: workers, broker) used over those ``n``."""
     bench = _app()
     app = bench.app
     deadline = time.monotonic() + timeout
+    meter = CpuMeter({"producer": [os.getpid()], **(cpu or {})})
     try:
         if warmup:
             await _round_trips(bench, warmup, window, deadline)
+        meter.start()
         t0, enqueued, t1 = await _round_trips(bench, n, window, deadline)
+        used = meter.stop()
     finally:
         await app.close()
     return {"rate": n / (t1 - t0), "enqueue_rate": n / (enqueued - t0),
-            "loop": loop_name()}
+            "cpu": used, "loop": loop_name()}
 
 
 async def worker_memory(phases: list[int], window: int, pids: list[int],
@@ -121,8 +126,9 @@ async def worker_memory(phases: list[int], window: int, pids: list[int],
 
 
 async def stream(n: int, timeout: float, latency: bool, rate: float) -> dict[str, Any]:
-    """One generator task yielding ``n`` values, followed with ``task.stream()``: partials/s
-    (first to last receipt) or, for ``stamps`` paced at ``rate``/s, yield-to-receipt lags."""
+    """One generator task yielding ``n`` time stamps, followed with ``task.stream()``:
+    partials/s (first to last receipt) and yield-to-receipt lags, in a burst (``burst``:
+    no await between yields) or paced at ``rate``/s (``latency``: ``stamps``)."""
     bench = _app()
     app = bench.app
     stamps: list[float] = []
@@ -134,13 +140,12 @@ async def stream(n: int, timeout: float, latency: bool, rate: float) -> dict[str
             if latency:
                 task = await bench.stamps.add_task(n, rate)
             else:
-                task = await bench.count_up.add_task(n)
+                task = await bench.burst.add_task(n)
             t_enqueued = time.time()
             async for value in task.stream():
                 now = time.time()
                 stamps.append(now)
-                if latency:
-                    lags.append(now - value)
+                lags.append(now - value)
             await task.wait()
             t_final = time.time()
     finally:

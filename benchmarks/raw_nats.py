@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 from typing import Any
@@ -26,7 +27,14 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
-from benchmarks.common import NATS_URL, Replies, emit_ready, loop_name, timed_windowed
+from benchmarks.common import (
+    NATS_URL,
+    CpuMeter,
+    Replies,
+    emit_ready,
+    loop_name,
+    timed_windowed,
+)
 
 BODY = b"x" * 200
 REPLY_HEADER = "Bench-Reply"
@@ -72,7 +80,8 @@ async def delete(base: str) -> None:
 
 # -- client side ---------------------------------------------------------------------
 
-async def client_publish(base: str, n: int, window: int, timeout: float) -> dict[str, Any]:
+async def client_publish(base: str, n: int, window: int, timeout: float,
+                         cpu: dict[str, list[int]] | None = None) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     nc, js = await _connect()
     subject = names(base)["task_subject"]
@@ -82,7 +91,7 @@ async def client_publish(base: str, n: int, window: int, timeout: float) -> dict
         async def op(_: int) -> None:
             await js.publish(subject, BODY)
 
-        return await timed_windowed(n, window, op, deadline)
+        return await timed_windowed(n, window, op, deadline, cpu)
     finally:
         await nc.close()
 
@@ -157,13 +166,16 @@ async def _pull(js: JetStreamContext, base: str) -> JetStreamContext.PullSubscri
                                    stream=n["tasks"], config=config)
 
 
-async def peer_consume(base: str, n: int, prefetch: int, timeout: float) -> dict[str, Any]:
+async def peer_consume(base: str, n: int, prefetch: int, timeout: float,
+                       cpu: dict[str, list[int]] | None = None) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     nc, js = await _connect()
     times: list[float] = []
     try:
         await _topology(js, base)
         sub = await _pull(js, base)
+        meter = CpuMeter({"consumer": [os.getpid()], **(cpu or {})})
+        meter.start()
         emit_ready()
         while len(times) <= n:
             if time.monotonic() > deadline:
@@ -180,7 +192,8 @@ async def peer_consume(base: str, n: int, prefetch: int, timeout: float) -> dict
         await nc.flush()
     finally:
         await nc.close()
-    return {"first": times[0], "last": times[-1], "acked": len(times) - 1}
+    return {"first": times[0], "last": times[-1], "acked": len(times) - 1,
+            "cpu": meter.stop()}
 
 
 async def peer_reply(base: str, prefetch: int, timeout: float) -> dict[str, Any]:

@@ -14,6 +14,7 @@ pipelined confirms.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from typing import Any
@@ -22,7 +23,15 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
-from benchmarks.common import AMQP_URL, Replies, emit_ready, loop_name, timed_windowed, windowed
+from benchmarks.common import (
+    AMQP_URL,
+    CpuMeter,
+    Replies,
+    emit_ready,
+    loop_name,
+    timed_windowed,
+    windowed,
+)
 
 PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
 BODY = b"x" * 200  # about the size of an encoded QTasks task message
@@ -60,7 +69,8 @@ async def delete(base: str) -> None:
 
 # -- client side ---------------------------------------------------------------------
 
-async def client_publish(base: str, n: int, window: int, timeout: float) -> dict[str, Any]:
+async def client_publish(base: str, n: int, window: int, timeout: float,
+                         cpu: dict[str, list[int]] | None = None) -> dict[str, Any]:
     """Publish ``n`` persistent messages with pipelined confirms; the publish-only rate.
     With a consumer peer running, the peer reports the end-to-end time."""
     deadline = time.monotonic() + timeout
@@ -74,7 +84,7 @@ async def client_publish(base: str, n: int, window: int, timeout: float) -> dict
             await exchange.publish(aio_pika.Message(BODY, delivery_mode=PERSISTENT),
                                    routing_key=queue.name)
 
-        return await timed_windowed(n, window, op, deadline)
+        return await timed_windowed(n, window, op, deadline, cpu)
     finally:
         await connection.close()
 
@@ -150,7 +160,8 @@ def _stream_result(stamps: list[float], lags: list[float]) -> dict[str, Any]:
 
 # -- peer side -----------------------------------------------------------------------
 
-async def peer_consume(base: str, n: int, prefetch: int, timeout: float) -> dict[str, Any]:
+async def peer_consume(base: str, n: int, prefetch: int, timeout: float,
+                       cpu: dict[str, list[int]] | None = None) -> dict[str, Any]:
     """Consume and ack ``n`` messages; report when the first arrived and the last was acked."""
     connection = await aio_pika.connect(AMQP_URL)
     times: list[float] = []
@@ -169,12 +180,15 @@ async def peer_consume(base: str, n: int, prefetch: int, timeout: float) -> dict
                 done.set()
 
         await queue.consume(on_message)
+        meter = CpuMeter({"consumer": [os.getpid()], **(cpu or {})})
+        meter.start()
         emit_ready()
         async with asyncio.timeout(timeout):
             await done.wait()
     finally:
         await connection.close()
-    return {"first": times[0], "last": times[-1], "acked": len(times) - 1}
+    return {"first": times[0], "last": times[-1], "acked": len(times) - 1,
+            "cpu": meter.stop()}
 
 
 async def peer_reply(base: str, prefetch: int, timeout: float) -> dict[str, Any]:
