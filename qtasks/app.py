@@ -17,6 +17,7 @@ from qtasks.interfaces import Broker, ResultStore, close_iterator
 from qtasks.middleware import Middleware, MiddlewareChain
 from qtasks.options import SendOptions, check_arguments, colliding_parameters
 from qtasks.protocol import DEFAULT_MAX_MESSAGE_SIZE, ResultEvent, TaskMessage, uuid7
+from qtasks.ratelimit import parse_rate
 from qtasks.registry import broker_from_url, redact, results_from_url
 from qtasks.runtime import Runtime
 from qtasks.schema import ExecutorClass, RetryPolicy, TaskExecSchema, TaskStatus
@@ -112,6 +113,7 @@ class QueueTasks:
         priority: int = 0, max_time: float | None = None, retry: int | RetryPolicy = 0,
         retry_backoff: float = 1.0, retry_backoff_max: float = 300.0,
         result_ttl: float | None = None, tags: tuple[str, ...] | list[str] = (),
+        rate_limit: str | None = None,
     ) -> Callable[[Callable[..., Any]], TaskFunction]: ...
 
     def task(
@@ -131,15 +133,19 @@ class QueueTasks:
         retry_backoff_max: float = 300.0,
         result_ttl: float | None = None,
         tags: tuple[str, ...] | list[str] = (),
+        rate_limit: str | None = None,
     ) -> TaskFunction | Callable[[Callable[..., Any]], TaskFunction]:
         """Register a function (sync or async, plain or generator) as a task.
 
         ``retry`` is how many times a failing run is tried again, waiting ``retry_backoff``
         seconds, doubling up to ``retry_backoff_max`` (or a full ``RetryPolicy``).
+        ``rate_limit`` (``"100/s"``, ``"10/m"``, ``"1/h"``) bounds how often each worker
+        process starts it; a task over it waits back in the broker (``qtasks.ratelimit``).
         """
         self.runtime.check_priority(priority)
         self.runtime.check_result_ttl(result_ttl)
         SendOptions(queue=queue, max_time=max_time)
+        limit = parse_rate(rate_limit)
         policy = retry if isinstance(retry, RetryPolicy) else RetryPolicy(
             retries=retry, backoff=retry_backoff, backoff_max=retry_backoff_max)
 
@@ -148,7 +154,7 @@ class QueueTasks:
                 name=name or f.__name__, func=f, description=description or f.__doc__,
                 generate_handler=generate_handler, executor=executor,
                 queue=queue or self.default_queue, priority=priority, max_time=max_time,
-                retry=policy, result_ttl=result_ttl, tags=tuple(tags),
+                retry=policy, result_ttl=result_ttl, tags=tuple(tags), rate_limit=limit,
             )
             if schema.name in self.registry:
                 raise ConfigurationError(f"a task named {schema.name!r} is already registered")

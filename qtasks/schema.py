@@ -17,6 +17,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from qtasks.ratelimit import RateLimit
+
 
 class TaskStatus(enum.StrEnum):
     """Where a run of a task stands. ``new``: queued (or queued again for a retry)."""
@@ -95,6 +97,8 @@ class TaskExecSchema:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     result_ttl: float | None = None
     tags: tuple[str, ...] = ()
+    #: At most so many starts per second/minute/hour in one worker (``qtasks.ratelimit``).
+    rate_limit: RateLimit | None = None
     awaiting: bool = False
     generating: bool = False
 

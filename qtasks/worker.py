@@ -29,6 +29,7 @@ from qtasks.interfaces import Broker, DeadLetterReason, Delivery, ResultStore, c
 from qtasks.lease import Lease, keep_leases
 from qtasks.middleware import DeadLettered, WorkerInfo
 from qtasks.protocol import TaskMessage, decode_task, encode
+from qtasks.ratelimit import RateLimiter
 from qtasks.registry import redact
 from qtasks.running import RUNNING_AFTER, AttemptReport
 from qtasks.runtime import Runtime
@@ -101,6 +102,8 @@ class Worker:
                                            thread_name_prefix="qtasks-sync")
         self.runner = AttemptRunner(self.runtime, self.report, self.revoked, self._threads,
                                     running_after)
+        #: Start slots of the rate-limited tasks (per worker process, as in Celery).
+        self.limiter = RateLimiter()
         self.middleware = self.runtime.middleware
         self.info = WorkerInfo(self.name, tuple(self.queues), concurrency)
         self.started_at = 0.0
@@ -285,6 +288,11 @@ class Worker:
                     await lease.retry_later(wait)
                 return
         if lease.redelivered and await self._already_done(lease, message):
+            return
+        # A rate-limited task without a free start slot goes back to the broker until its
+        # slot (``qtasks.ratelimit``): it holds no concurrency slot while it waits.
+        if self.revoked.reason(message.id) is None and await self.limiter.pace(
+                lease, message.task, schema.rate_limit, (message.id, message.attempt)):
             return
         # No await from this check until the task is registered as executing, so a
         # cancel request is either seen here or interrupts the run.
