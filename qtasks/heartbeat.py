@@ -60,15 +60,16 @@ class Heartbeat:
         self._failing = False
 
     async def run(self) -> None:
-        """Announce, then beat on a fixed schedule (a slow send does not shift the next
-        beat; beats missed while the loop was blocked are not made up in a burst)."""
+        """Announce, then beat on a fixed schedule: a slow send does not shift the next
+        beat, and a beat late because the loop was blocked is not followed by a burst of
+        catching up (the next one comes a full interval later)."""
         loop = asyncio.get_running_loop()
         await self._send("online")
         due = loop.time()
         while True:
             due += self.interval
             await asyncio.sleep(max(0.0, due - loop.time()))
-            due = max(due, loop.time() - self.interval)
+            due = max(due, loop.time())
             await self._send(None)
 
     async def goodbye(self) -> None:
