@@ -5,6 +5,13 @@ Its broker and result store come from ``QTASKS_BROKER_URL`` / ``QTASKS_RESULTS_U
 harness gives each measurement URLs with its own ``prefix``); unset, it is ``memory://``
 with an embedded worker, which ``BENCH_EMBEDDED_WORKER=0`` turns off (to measure enqueueing
 alone).
+
+``BENCH_OBSERVE=1`` (in the harness's environment, which every child inherits) installs the
+observability middleware in every process that imports this app, producers and workers:
+``PrometheusMiddleware`` (not served: the cost measured is the hooks') and
+``TracingMiddleware`` on an SDK ``TracerProvider`` that samples every span and exports
+through a ``BatchSpanProcessor`` to an exporter that drops them, so the figures compare
+"metrics and tracing on" against "off" with no collector in the way.
 """
 
 from __future__ import annotations
@@ -14,10 +21,36 @@ import os
 import time
 from collections.abc import AsyncIterator
 
-from qtasks import QueueTasks
+from qtasks import Middleware, QueueTasks
+
+
+def observing() -> list[Middleware]:
+    """The middleware ``BENCH_OBSERVE=1`` turns on (none otherwise)."""
+    if os.environ.get("BENCH_OBSERVE", "0") in ("", "0"):
+        return []
+    from collections.abc import Sequence
+
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    from qtasks.metrics import PrometheusMiddleware
+    from qtasks.tracing import TracingMiddleware
+
+    class Dropped(SpanExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Dropped()))
+    return [PrometheusMiddleware(), TracingMiddleware(tracer_provider=provider)]
+
 
 app = QueueTasks(embedded_worker=False if os.environ.get("BENCH_EMBEDDED_WORKER") == "0"
-                 else None)
+                 else None, middleware=observing())
 
 
 @app.task

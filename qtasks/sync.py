@@ -10,6 +10,7 @@ thread-safe, and the async API is safe for concurrent coroutines).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any, Protocol, TypeVar
@@ -49,8 +50,14 @@ class SyncApp:
         self._thread.start()
 
     def run(self, awaitable: Awaitable[T], timeout: float | None = None) -> T:
-        """Run one coroutine on the app's loop and block for its result."""
+        """Run one coroutine on the app's loop and block for its result, with the calling
+        thread's context variables: what the caller made current (an OpenTelemetry span
+        that a traced publish takes as its parent, say) is current in the coroutine too."""
+        caller = contextvars.copy_context()
+
         async def call() -> T:
+            for variable, value in caller.items():  # in this task's own context only
+                variable.set(value)
             return await awaitable
         return asyncio.run_coroutine_threadsafe(call(), self._loop).result(timeout)
 

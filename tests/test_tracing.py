@@ -257,3 +257,20 @@ def test_without_opentelemetry_the_error_says_which_extra_to_install() -> None:
          "import qtasks.tracing"], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "install qtasks[otel]" in done.stderr
+
+
+def test_the_blocking_api_publishes_under_the_calling_threads_span(traced: Traced) -> None:
+    app = QueueTasks(middleware=[traced.middleware])
+
+    @app.task
+    async def one() -> int:
+        return 1
+
+    try:
+        with traced.tracer.start_as_current_span("request") as request:
+            assert app.sync.add_task("one", timeout=DEADLINE).returning == 1
+    finally:
+        app.sync.close()
+    send = traced.one("send one")
+    assert parent_of(send) == request.get_span_context().span_id
+    assert parent_of(traced.one("run one")) == send.context.span_id
