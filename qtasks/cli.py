@@ -215,6 +215,31 @@ async def run_operator(args: argparse.Namespace) -> int:
         return await op.dead(args.action, args.refs, args.limit, args.json, args.yes)
 
 
+async def run_dashboard(args: argparse.Namespace) -> None:
+    """``qtasks dashboard``: the app from ``module:app`` (with ``--broker``/``--results``
+    applied as for a worker) or from the URLs alone, then the server of the extra."""
+    try:
+        from qtasks.dashboard import server
+    except ImportError as exc:
+        raise ConfigurationError(f"the dashboard needs its extra: pip install "
+                                 f"'qtasks[dashboard]' ({exc})") from None
+    if args.app:
+        app = prepare_worker(args)
+        queues = app.queues()
+    elif args.broker:
+        timeout = 10.0 if args.connect_timeout is None else args.connect_timeout
+        app = Operator(args.broker, args.results, timeout).app
+        queues = ["default"]
+    else:
+        raise ConfigurationError("no broker: give module:app, pass --broker URL or set "
+                                 "QTASKS_BROKER_URL")
+    if args.queues:
+        queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    settings = server.settings_of(args.host, args.allow_actions, args.token, queues)
+    await server.run_dashboard(app, args.host, args.port, settings,
+                10.0 if args.connect_timeout is None else args.connect_timeout)
+
+
 def run(main: Coroutine[Any, Any, T]) -> T:
     """``asyncio.run`` on uvloop when it is installed (the ``uvloop`` extra) and not
     disabled with ``QTASKS_UVLOOP=0``: a faster loop for the same code."""
@@ -237,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(args.log_level, quiet=getattr(args, "quiet", False))
         if args.command == "worker":
             run(run_worker(prepare_worker(args), args))
+            return 0
+        if args.command == "dashboard":
+            run(run_dashboard(args))
             return 0
         if args.command == "demo":
             from qtasks.demo import run_demo

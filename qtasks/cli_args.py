@@ -23,7 +23,7 @@ T = TypeVar("T")
 
 DESCRIPTION = """The qtasks command: `worker` runs a worker process, `demo` shows streaming,
 and send/listen/status/cancel/inspect/workers/dead operate a deployment from a shell (see
-docs/cli.md).
+docs/cli.md); `dashboard` serves the same in a browser.
 Exit status: 0 done, 1 the task failed or was not found, 2 a usage, configuration or
 connection error, 3 a --timeout ran out (the task goes on), 130 interrupted."""
 
@@ -226,6 +226,25 @@ def build_parser() -> argparse.ArgumentParser:
     dead.add_argument("--limit", type=positive_int, default=100)
     dead.add_argument("--yes", "-y", action="store_true",
                       help="purge without asking (needed when not on a terminal)")
+
+    board = commands.add_parser("dashboard", parents=[urls],
+                                help="serve the web dashboard (extra qtasks[dashboard])")
+    board.add_argument("app", nargs="?", default=None,
+                       help="module:attribute of the QueueTasks app (optional: else "
+                            "--broker/--results)")
+    board.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: 127.0.0.1, this machine only)")
+    board.add_argument("--port", type=port, default=8080, help="default: 8080 (0: any free)")
+    board.add_argument("--allow-actions", action="store_true",
+                       help="allow cancel, requeue, purge and submit, each with the token")
+    board.add_argument("--token", default=None,
+                       help="the actions' token, 16 characters or more (default: "
+                            "$QTASKS_DASHBOARD_TOKEN, else one is generated and printed)")
+    board.add_argument("--queues", default=None,
+                       help="comma-separated queues to show besides those the workers "
+                            "consume (default: the app's, else 'default')")
+    board.add_argument("--connect-timeout", type=seconds, default=None,
+                       help="give up connecting after this many seconds (default: 10)")
     return parser
 
 
@@ -236,6 +255,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if hasattr(args, "broker") and args.command != "worker":  # the worker: see cli.py
         args.broker = args.broker or os.environ.get("QTASKS_BROKER_URL") or None
         args.results = args.results or os.environ.get("QTASKS_RESULTS_URL") or None
+    if args.command == "dashboard":
+        args.token = args.token or os.environ.get("QTASKS_DASHBOARD_TOKEN") or None
     if args.command == "worker":
         args.concurrency = from_env(args.concurrency, "QTASKS_CONCURRENCY", positive_int, 100)
         args.grace = from_env(args.grace, "QTASKS_GRACE", seconds, 30.0)

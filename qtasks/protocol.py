@@ -136,6 +136,11 @@ class ResultEvent:
     created_at: float | None = None
     #: Past this time readers treat the result as gone (the task's ``result_ttl``).
     expires_at: float | None = None
+    #: The task's arguments, on ``status`` and ``final`` events, so that any reader (the
+    #: dashboard) can show what a run was called with; None when they were left out
+    #: (over ``qtasks.running.ARGUMENTS_SHOWN`` bytes) or from an older worker.
+    args: list[Any] | None = None
+    kwargs: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         base: dict[str, Any] = {
@@ -151,6 +156,9 @@ class ResultEvent:
         base["created_at"] = self.created_at
         base["started_at"] = self.started_at
         base["worker"] = self.worker
+        if self.args is not None:
+            base["args"] = self.args
+            base["kwargs"] = self.kwargs or {}
         if self.kind == "final":
             base["returning"] = self.returning
             base["finished_at"] = self.finished_at
@@ -320,6 +328,8 @@ def _result_of(data: dict[str, Any]) -> ResultEvent:
         partials=typed_field(data, "partials", int, 0),
         created_at=typed_field(data, "created_at", float, None),
         expires_at=typed_field(data, "expires_at", float, None),
+        args=typed_field(data, "args", list, None),
+        kwargs=typed_field(data, "kwargs", dict, None),
     )
 
 
