@@ -12,7 +12,7 @@ import os
 import time
 from typing import Any
 
-from benchmarks.common import CpuMeter, emit_ready, loop_name, rss_mb, windowed
+from benchmarks.common import CpuMeter, emit_ready, lag_summary, loop_name, rss_mb, windowed
 from qtasks import Task
 
 
@@ -157,5 +157,5 @@ async def stream(n: int, timeout: float, latency: bool, rate: float) -> dict[str
     if len(stamps) > 1:
         result["rate"] = (len(stamps) - 1) / (stamps[-1] - stamps[0])
     if lags:
-        result["lags"] = lags
+        result["lags"] = lag_summary(lags)
     return result

@@ -32,6 +32,7 @@ from benchmarks.common import (
     CpuMeter,
     Replies,
     emit_ready,
+    lag_summary,
     loop_name,
     timed_windowed,
 )
@@ -152,7 +153,7 @@ async def client_stream(base: str, n: int, timeout: float, latency: bool) -> dic
     if len(stamps) > 1:
         result["rate"] = (len(stamps) - 1) / (stamps[-1] - stamps[0])
     if lags:
-        result["lags"] = lags
+        result["lags"] = lag_summary(lags)
     return result
 
 

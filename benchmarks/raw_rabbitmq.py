@@ -28,6 +28,7 @@ from benchmarks.common import (
     CpuMeter,
     Replies,
     emit_ready,
+    lag_summary,
     loop_name,
     timed_windowed,
     windowed,
@@ -154,7 +155,7 @@ def _stream_result(stamps: list[float], lags: list[float]) -> dict[str, Any]:
     if len(stamps) > 1:
         result["rate"] = (len(stamps) - 1) / (stamps[-1] - stamps[0])
     if lags:
-        result["lags"] = lags
+        result["lags"] = lag_summary(lags)
     return result
 
 

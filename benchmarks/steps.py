@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from benchmarks import cleanup, procs
-from benchmarks.common import percentile
 from benchmarks.config import Run, broker_pids, log, timeout_for, url_for
 from benchmarks.procs import Child, agent, child_env, worker
 
@@ -130,16 +129,14 @@ def _stream_figures(run: Run, backend: str, head: str, result: dict[str, Any], n
     its yield, and yield-to-receipt p50/p99/max over the whole burst."""
     if result["received"] != n:
         raise RuntimeError(f"received {result['received']} of {n} messages")
-    lags = [lag * 1000 for lag in result["lags"]]
+    lags = result["lags"]
     if latency:
-        run.add(backend, f"{head}lat_p50", percentile(lags, 50))
-        run.add(backend, f"{head}lat_p99", percentile(lags, 99))
+        run.add(backend, f"{head}lat_p50", lags["p50"])
+        run.add(backend, f"{head}lat_p99", lags["p99"])
     else:
         run.add(backend, f"{head}stream", result["rate"])
-        run.add(backend, f"{head}burst_first", lags[0])
-        run.add(backend, f"{head}burst_p50", percentile(lags, 50))
-        run.add(backend, f"{head}burst_p99", percentile(lags, 99))
-        run.add(backend, f"{head}burst_max", max(lags))
+        for figure in ("first", "p50", "p99", "max"):
+            run.add(backend, f"{head}burst_{figure}", lags[figure])
 
 
 def qt_memory(run: Run, backend: str) -> None:

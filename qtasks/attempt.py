@@ -29,6 +29,10 @@ from qtasks.schema import TaskExecSchema, TaskStatus
 
 log = logging.getLogger("qtasks.worker")
 
+#: Seconds a generator may run without the event loop getting a turn (when it yields
+#: in a tight loop): the bound on how long its partials can wait to be sent.
+LOOP_TURN = 0.002
+
 
 class AttemptRunner:
     """Runs attempts for one worker, and interrupts them on cancel requests."""
@@ -102,14 +106,21 @@ class AttemptRunner:
         reply_to = context.headers.get("reply_to")
         middleware = self.middleware
         seq = 0
+        turn_due = time.time() + LOOP_TURN
 
         async def publish_partial(value: Any) -> None:
-            nonlocal seq
+            nonlocal seq, turn_due
             await running.announce()
-            event = replace(base, kind="partial", seq=seq, value=value, ts=time.time())
+            now = time.time()
+            event = replace(base, kind="partial", seq=seq, value=value, ts=now)
             seq += 1
             await self.report.publish(event, reply_to)
             middleware.on_partial(context, event.seq or 0, value)
+            if now >= turn_due:
+                # A generator that never awaits would hold the loop, and with it every
+                # partial gathered for sending, until it ends: give the senders a turn.
+                await asyncio.sleep(0)
+                turn_due = now + LOOP_TURN
 
         executor_cls = schema.executor or self.runtime.executor or default_executor(schema)
         executor = executor_cls(schema, message.args, message.kwargs,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from qtasks import TaskStatus
@@ -51,6 +52,25 @@ class StreamingContract:
         assert received == ["first", "second"]
         assert task.status is TaskStatus.SUCCESS
 
+
+    async def test_a_generator_that_never_awaits_streams_while_it_runs(
+            self, backend: Backend) -> None:
+        """Batching never holds a partial back while the generator runs: here the stream
+        reader shares the worker's event loop, so it sees the first partial before the
+        generator ends only if the worker gives the loop a turn while it yields."""
+        producer, worker_app = backend.app(), backend.app()
+        async with running_worker(worker_app):
+            task = await producer.add_task("tight_burst", 0.4, 15_000)
+            first: tuple[float, float] | None = None
+            async with asyncio.timeout(DEADLINE):
+                async for value in task.stream():
+                    if first is None:
+                        first = (value, time.time())
+                await task.wait()
+        assert first is not None and task.status is TaskStatus.SUCCESS
+        yielded, received = first
+        assert received < task.returning[-1], "the first partial came after the last yield"
+        assert received - yielded < 0.2
 
     async def test_executor_replacement_still_streams(self, backend: Backend) -> None:
         producer, worker_app = backend.app(), backend.app()

@@ -62,6 +62,16 @@ def register_contract_tasks(app: QueueTasks) -> None:
         for i in range(n):
             yield i
 
+    @app.task(name="tight_burst")
+    async def tight_burst(seconds: float, most: int):  # type: ignore[no-untyped-def]
+        """Yields its own time stamps for ``seconds`` (at most ``most``), never awaiting."""
+        end = time.time() + seconds
+        for _ in range(most):
+            now = time.time()
+            if now > end:
+                break
+            yield now
+
     @app.task(name="handshake")
     async def handshake(token: str):  # type: ignore[no-untyped-def]
         yield "first"
