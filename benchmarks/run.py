@@ -10,6 +10,7 @@ neighbour on the machine hurts both alike. See ``benchmarks/README.md``.
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -142,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             clean(backend, run.prefix)  # anything a failed step left behind
     after = machine()
     header = [
-        f"command: {command}" + (f" (BENCH_AMQP_OPTIONS={AMQP_OPTIONS})" if AMQP_OPTIONS else ""),
+        f"command: {command}" + (f" (BENCH_AMQP_OPTIONS={AMQP_OPTIONS})" if AMQP_OPTIONS else "")
+        + (" (BENCH_OBSERVE=1: metrics and tracing middleware on)"
+           if os.environ.get("BENCH_OBSERVE", "0") not in ("", "0") else ""),
         f"commit: {before['commit']}"
         + (f", plus uncommitted: {before['dirty']}" if before["dirty"] else ""),
         f"machine: {before['nproc']} CPUs, {before['platform']}, Python {before['python']}; "
