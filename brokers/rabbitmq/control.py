@@ -31,11 +31,11 @@ async def broadcast(connection: Connection, settings: AmqpSettings, body: bytes)
             await channel.declare_exchange(control_exchange(settings), ExchangeType.FANOUT,
                                            durable=True)
             properties = spec.Basic.Properties(content_type="application/json",
-                                               message_type="cancel", app_id="qtasks")
+                                               message_type="control", app_id="qtasks")
             await send(channel, control_exchange(settings), "", body, properties,
                        mandatory=False, timeout=settings.publish_timeout)
 
-    await retrying(settings, "broadcasting a cancel request", attempt)
+    await retrying(settings, "broadcasting on the control channel", attempt)
 
 
 async def subscribe(connection: Connection, settings: AmqpSettings) -> AsyncIterator[bytes]:
