@@ -47,6 +47,13 @@ async def countdown(n: int, pause: float = 0.0):  # type: ignore[no-untyped-def]
 
 
 @app.task
+async def say(*values: object):  # type: ignore[no-untyped-def]
+    """Yields each of ``values`` in turn: what a test wants a reader to show."""
+    for value in values:
+        yield value
+
+
+@app.task
 async def long_task(tag: str, seconds: float) -> str:
     """Leaves a ``started-<tag>`` marker with its pid, then runs ``seconds``."""
     _mark(f"started-{tag}-{os.getpid()}")

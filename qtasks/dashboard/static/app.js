@@ -43,7 +43,14 @@ function seconds(value) {
 }
 
 function taskLink(id, text) {
-  return h("a", {href: "#/task/" + encodeURIComponent(id), class: "task-link"}, text || id);
+  return h("a", {href: "#/task/" + encodeURIComponent(id), class: "task-link", title: id}, text || id);
+}
+
+function shortId(id) { return id.length > 16 ? id.slice(0, 8) + "…" + id.slice(-6) : id; }
+
+function pretty(value) {  // one line when short, indented when long
+  const line = json(value);
+  return line.length <= 100 ? line : JSON.stringify(value, null, 2);
 }
 
 function badge(status) {
@@ -83,7 +90,8 @@ async function act(path, body, done) {
 
 function setHealth(text, ok) {
   const el = document.getElementById("health");
-  el.textContent = text;
+  el.textContent = text || "";
+  el.hidden = !text;
   el.className = "health " + (ok ? "ok" : "bad");
 }
 
@@ -94,6 +102,7 @@ function route() {
   const main = document.getElementById("main");
   main.replaceChildren();
   notice("");
+  setHealth("");
   const hash = location.hash || "#/";
   document.getElementById("nav-dead").className = hash.startsWith("#/dead") ? "current" : "";
   document.getElementById("nav-overview").className = hash === "#/" ? "current" : "";
@@ -116,6 +125,7 @@ async function start() {
   label.hidden = !QT.config.actions;
   input.value = token();
   input.addEventListener("change", () => sessionStorage.setItem(TOKEN_KEY, input.value.trim()));
+  label.addEventListener("submit", (e) => e.preventDefault());
   window.addEventListener("hashchange", route);
   route();
 }
@@ -241,8 +251,8 @@ class Feed {
     this.element = h("section", {class: "card wide"},
       h("h2", {}, "Live feed"),
       h("div", {class: "controls"}, this.pause, this.name, this.status, this.count),
-      h("table", {class: "feed"}, h("thead", {}, h("tr", {},
-        ...["time", "task", "id", "attempt", "event", "detail"].map((c) => h("th", {}, c)))), this.rows));
+      h("div", {class: "scroll"}, h("table", {class: "feed"}, h("thead", {}, h("tr", {},
+        ...["time", "task", "id", "attempt", "event", "detail"].map((c) => h("th", {}, c)))), this.rows)));
   }
 
   static statusOf(event) { return event.kind === "partial" ? "partial" : event.status; }
@@ -258,7 +268,8 @@ class Feed {
     else if (event.error) detail = event.error.type + ": " + event.error.message;
     else if (event.kind === "final") detail = "returning " + json(event.returning, 300);
     return h("tr", {class: "kind-" + event.kind},
-      h("td", {}, clock(event.ts)), h("td", {}, event.task), h("td", {}, taskLink(event.id)),
+      h("td", {}, clock(event.ts)), h("td", {}, event.task),
+      h("td", {class: "id"}, taskLink(event.id, shortId(event.id))),
       h("td", {class: "num"}, event.attempt), h("td", {}, badge(Feed.statusOf(event))),
       h("td", {class: "detail"}, detail));
   }

@@ -79,7 +79,7 @@ function taskPage(main, id) {
       state.finished_at = event.finished_at;
       attemptSection(event.attempt).status.replaceChildren(badge(event.status));
       if (event.error) showError(outcome, event.error);
-      else outcome.replaceChildren(h("pre", {class: "value", id: "task-returning"}, JSON.stringify(event.returning, null, 2)));
+      else outcome.replaceChildren(h("pre", {class: "value", id: "task-returning"}, pretty(event.returning)));
     }
     drawSummary();
   }
@@ -94,11 +94,13 @@ function taskPage(main, id) {
   reset();
   drawSummary();
   const source = new EventSource("/api/tasks/" + encodeURIComponent(id) + "/events");
-  source.addEventListener("open", () => { live.textContent = "live"; });
+  source.addEventListener("open", () => { live.textContent = "live"; setHealth("live", true); });
   source.addEventListener("reset", reset);
   source.addEventListener("event", (message) => take(JSON.parse(message.data)));
-  source.addEventListener("end", () => { live.textContent = "finished"; source.close(); });
-  source.onerror = () => { if (!state.final) live.textContent = "reconnecting…"; };
+  source.addEventListener("end", () => { live.textContent = "finished"; setHealth(""); source.close(); });
+  source.onerror = () => {
+    if (!state.final) { live.textContent = "reconnecting…"; setHealth("reconnecting…", false); }
+  };
   return () => source.close();
 }
 
