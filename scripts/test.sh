@@ -19,6 +19,16 @@ if [ -n "${CI:-}" ] && ! command -v docker-compose >/dev/null \
     || { quiet apt-get update -q && quiet apt-get install -y -q docker-compose; } || true
 fi
 
+# The dashboard's browser test drives Debian's headless Chromium with Playwright (no
+# browser download); on a fresh machine install it the same way (in CI a missing browser
+# then fails that test, never skips it).
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null \
+    && [ "$(id -u)" = 0 ]; then
+  quiet apt-get install -y -q chromium chromium-driver \
+    || { quiet apt-get update -q && quiet apt-get install -y -q chromium chromium-driver; } \
+    || true
+fi
+
 bash scripts/brokers.sh
 .venv/bin/ruff check .
 .venv/bin/mypy
