@@ -91,3 +91,15 @@ def test_importing_qtasks_from_the_wheel_loads_no_broker_library(installed: Path
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("[] ") and "site-packages" in done.stdout
+
+
+def test_the_dashboard_ships_its_page_script_and_style(wheel: Path) -> None:
+    """``qtasks dashboard`` serves its files from the installed package: every file of
+    qtasks/dashboard (modules, page, scripts, style) is in the wheel."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    folder = ROOT / "qtasks" / "dashboard"
+    expected = {f"qtasks/dashboard/{p.relative_to(folder).as_posix()}"
+                for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert {"qtasks/dashboard/static/index.html", "qtasks/dashboard/static/app.js",
+            "qtasks/dashboard/static/style.css"} <= expected
+    assert expected <= names, sorted(expected - names)
