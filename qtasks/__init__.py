@@ -1,6 +1,15 @@
 """QTasks: an asyncio-first, broker-agnostic task queue that streams every ``yield``."""
 
 from qtasks.app import QueueTasks, TaskFunction
+from qtasks.canvas import (
+    Part,
+    Signature,
+    WorkflowFailed,
+    WorkflowHandle,
+    chain,
+    chord,
+    group,
+)
 from qtasks.context import TaskContext, current_task
 from qtasks.errors import (
     BrokerUnavailableError,
@@ -42,6 +51,7 @@ __all__ = [
     "NotSupportedError",
     "OptionError",
     "Outcome",
+    "Part",
     "QTasksError",
     "QueueStats",
     "QueueTasks",
@@ -49,6 +59,7 @@ __all__ = [
     "ResultEvent",
     "ResultStore",
     "RetryPolicy",
+    "Signature",
     "SyncTaskExecutor",
     "Task",
     "TaskCancelled",
@@ -63,5 +74,10 @@ __all__ = [
     "UnknownTaskError",
     "Worker",
     "WorkerInfo",
+    "WorkflowFailed",
+    "WorkflowHandle",
+    "chain",
+    "chord",
     "current_task",
+    "group",
 ]

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, overload
 
+from qtasks.canvas.signature import AppSignatures, TaskSignatures
 from qtasks.errors import ConfigurationError, OptionError
 from qtasks.executors import BaseTaskExecutor
 from qtasks.interfaces import Broker, ResultStore, close_iterator
@@ -30,7 +31,7 @@ from qtasks.workers import PING_WAIT, LiveWorker, WorkersChange, live_workers, w
 DEFAULT_QUEUE = "default"
 
 
-class QueueTasks:
+class QueueTasks(AppSignatures):
     """Tasks, a broker to carry them and a result store to carry their results back.
 
     ``broker`` and ``results`` take a URL or an instance. Without them the environment
@@ -358,7 +359,7 @@ class QueueTasks:
         return f"<QueueTasks broker={broker} tasks={len(self.registry)}>"
 
 
-class TaskFunction:
+class TaskFunction(TaskSignatures):
     """The object ``@app.task`` puts in place of the function.
 
     Calling it runs the function here, as if undecorated; ``add_task`` runs it on a worker.

@@ -17,6 +17,9 @@ from dataclasses import replace
 from typing import Any
 
 from qtasks.cancellation import Revocations
+from qtasks.canvas.advance import Continuations
+from qtasks.canvas.claims import Claims
+from qtasks.canvas.wire import renewed
 from qtasks.context import TaskContext, enter
 from qtasks.errors import TaskCancelled, TaskTimeLimitExceeded
 from qtasks.executors import default_executor
@@ -51,6 +54,10 @@ class AttemptRunner:
         self._cancelling: set[asyncio.Task[Any]] = set()
         #: How many attempts ended so, by outcome: what the heartbeat reports.
         self.ended: Counter[str] = Counter()
+        #: Workflows (``qtasks.canvas``): what follows a final, and which copy runs.
+        self.continuations = Continuations(runtime)
+        report.advance = self.continuations.advance
+        self.claims = Claims(report)
 
     def cancel(self, task_id: str) -> None:
         """Interrupt ``task_id`` if it runs here (the request is already in ``revoked``)."""
@@ -107,6 +114,7 @@ class AttemptRunner:
         middleware = self.middleware
         seq = 0
         turn_due = time.time() + LOOP_TURN
+        fan_out = self.continuations.fan_out_for(message)  # None but for .each() sources
 
         async def publish_partial(value: Any) -> None:
             nonlocal seq, turn_due
@@ -115,6 +123,8 @@ class AttemptRunner:
             event = replace(base, kind="partial", seq=seq, value=value, ts=now)
             seq += 1
             await self.report.publish(event, reply_to)
+            if fan_out is not None:
+                await fan_out(event)  # the item's task, before the generator goes on
             middleware.on_partial(context, event.seq or 0, value)
             if now >= turn_due:
                 # A generator that never awaits would hold the loop, and with it every
@@ -171,7 +181,8 @@ class AttemptRunner:
     async def _retry(self, delivery: Delivery, message: TaskMessage, schema: TaskExecSchema,
                      base: ResultEvent, exc: Exception, context: TaskContext) -> None:
         delay = schema.retry.delay(message.attempt)
-        again = replace(message, attempt=message.attempt + 1, not_before=time.time() + delay)
+        again = replace(message, attempt=message.attempt + 1, not_before=time.time() + delay,
+                        headers=renewed(message.headers))
         log.warning("task %s %s attempt %d failed (%s: %s); retrying in %.2f s",
                     message.task, message.id, message.attempt, type(exc).__name__, exc, delay)
         # The status goes first: the next attempt's "running" must not overtake it.

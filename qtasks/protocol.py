@@ -141,6 +141,10 @@ class ResultEvent:
     #: (over ``qtasks.running.ARGUMENTS_SHOWN`` bytes) or from an older worker.
     args: list[Any] | None = None
     kwargs: dict[str, Any] | None = None
+    #: On a ``running`` status only: a worker's claim on one copy of a workflow's task,
+    #: ``<copy token>:<nonce>``; the attempt's first claim in the log runs
+    #: (``qtasks.canvas.claims``, docs/workflows.md).
+    claim: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         base: dict[str, Any] = {
@@ -159,6 +163,8 @@ class ResultEvent:
         if self.args is not None:
             base["args"] = self.args
             base["kwargs"] = self.kwargs or {}
+        if self.claim is not None:
+            base["claim"] = self.claim
         if self.kind == "final":
             base["returning"] = self.returning
             base["finished_at"] = self.finished_at
@@ -330,6 +336,7 @@ def _result_of(data: dict[str, Any]) -> ResultEvent:
         expires_at=typed_field(data, "expires_at", float, None),
         args=typed_field(data, "args", list, None),
         kwargs=typed_field(data, "kwargs", dict, None),
+        claim=typed_field(data, "claim", str, None),
     )
 
 

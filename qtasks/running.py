@@ -108,6 +108,9 @@ class AttemptReport:
     def __init__(self, results_store: ResultStore, worker: str) -> None:
         self.results_store = results_store
         self.worker = worker
+        #: Starts what follows a task's final in a workflow (``qtasks.canvas.advance``),
+        #: after that final is durable and before the message is settled.
+        self.advance: Callable[[TaskMessage, ResultEvent], Awaitable[None]] | None = None
 
     def event(self, kind: ResultKind, message: TaskMessage, started_at: float) -> ResultEvent:
         """What every result event of this attempt says about it."""
@@ -136,9 +139,18 @@ class AttemptReport:
                             error=error_info(exc))
             body = encode(final)
         await self.results_store.publish(final, body, message.headers.get("reply_to"))
-        await (settle or delivery.ack)()
+        await self.conclude(delivery, message, final, settle)
         task_log.info("%s %s %s in %.3f s", message.task, message.id, final.status,
                       now - (base.started_at or now))
+
+    async def conclude(self, delivery: Delivery, message: TaskMessage, final: ResultEvent,
+                       settle: Callable[[], Awaitable[None]] | None = None) -> None:
+        """The final is durable (just published, or found stored by a redelivery): start
+        what follows it in a workflow, then settle the message (``ack`` by default). One
+        path for both, so a worker killed between the two loses no continuation."""
+        if self.advance is not None:
+            await self.advance(message, final)
+        await (settle or delivery.ack)()
 
     async def unknown_task(self, delivery: Delivery, message: TaskMessage) -> None:
         """A task this worker does not know: its submitter gets an ``error`` final at once

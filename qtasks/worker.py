@@ -22,6 +22,7 @@ from typing import Protocol
 
 from qtasks.attempt import AttemptRunner
 from qtasks.cancellation import REVOKE_TTL, Revocations
+from qtasks.canvas.wire import FLOW_HEADER, flow_of
 from qtasks.control import WorkerPhase, WorkerState, follow_control, qtasks_version
 from qtasks.errors import ConfigurationError, MessageDecodeError, NotSupportedError
 from qtasks.heartbeat import DEFAULT_HEARTBEAT, Heartbeat
@@ -242,6 +243,7 @@ class Worker:
             return
         try:
             message = decode_task(delivery.body)
+            flow_of(message.headers)  # a workflow's header is checked with the rest
         except MessageDecodeError as exc:
             log.error("dead-lettering an undecodable message: %s", exc)
             await delivery.dead_letter(f"undecodable: {exc}")
@@ -287,7 +289,10 @@ class Worker:
                 else:
                     await lease.retry_later(wait)
                 return
-        if lease.redelivered and await self._already_done(lease, message):
+        if FLOW_HEADER in message.headers:  # a workflow's task: may come in copies
+            if not await self.runner.claims.admit(lease, message, self._already_done):
+                return
+        elif lease.redelivered and await self._already_done(lease, message):
             return
         # A rate-limited task without a free start slot goes back to the broker until its
         # slot (``qtasks.ratelimit``): it holds no concurrency slot while it waits.
@@ -308,9 +313,12 @@ class Worker:
             queue = message.queue if message is not None else self.queues[0]
             self.middleware.on_dead_letter(DeadLettered(queue, reason, detail, message))
 
-    async def _already_done(self, lease: Lease, message: TaskMessage) -> bool:
+    async def _already_done(self, lease: Delivery, message: TaskMessage,
+                            again: bool = True) -> bool:
         """A redelivered attempt that already ended (only its ack was lost) is settled
-        without running again: its final is stored, or a later attempt has started."""
+        without running again: its final is stored, or a later attempt has started.
+        ``again``: the final is published again and what follows it in a workflow started
+        again (False for another copy of a workflow's task, not the one that ran)."""
         previous = await self.runtime.results_store.get(message.id)
         if previous is None or previous.attempt < message.attempt:
             return False
@@ -319,7 +327,10 @@ class Worker:
                 return False  # a dead letter requeued once its task was deployed: run it
             # The final is published again (a duplicate at worst, which readers drop): a
             # store that keeps it in two places may have been left with it in one.
-            await self.report.publish(previous, message.headers.get("reply_to"))
+            if again:
+                await self.report.publish(previous, message.headers.get("reply_to"))
+                await self.report.conclude(lease, message, previous)
+                return True
         elif not (previous.attempt > message.attempt
                   and previous.status == TaskStatus.RUNNING.value):
             # A later attempt that has not started yet: its message may not have been

@@ -1,0 +1,153 @@
+"""The worker's side of a workflow: what it starts after a task of one succeeded.
+
+``Continuations.advance`` runs between a final being durable and its message being acked
+(``AttemptReport.conclude``), and again when a redelivered message finds its final
+stored, so a worker killed in between loses nothing. What follows a task:
+
+- the next step, with its ``returning`` first among the arguments;
+- for a group member, a fan-out item or a generator with an ``each`` step: the *join*.
+  It reads the finals of the others from the result store; when all succeeded, it starts
+  the next step with their results in order. No polling: each of them checks once, after
+  its own final, so whoever finishes last sees them all.
+
+``fan_out_for`` gives a generator with an ``each`` step the publisher of its items, called
+from the partial path for every yielded value. Every id is derived (``wire.derive_id``),
+so whatever is started twice is the same task twice, which ``qtasks.canvas.claims``
+runs once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from qtasks.canvas.launch import step_message, unit_messages
+from qtasks.canvas.wire import (
+    FLOW_HEADER,
+    Flow,
+    derive_id,
+    id_ms,
+    ms_of,
+    new_claim,
+    step_path,
+)
+from qtasks.protocol import ResultEvent, TaskMessage
+
+if TYPE_CHECKING:
+    from qtasks.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+SUCCESS = "success"
+
+
+def _succeeded(event: ResultEvent | None) -> bool:
+    return event is not None and event.kind == "final" and event.status == SUCCESS
+
+
+class Continuations:
+    """Starts the continuations of one worker's workflow tasks."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.store = runtime.results_store
+
+    async def advance(self, message: TaskMessage, final: ResultEvent) -> None:
+        """After ``final`` of ``message`` is durable: start what follows, if it is due."""
+        header = message.headers.get(FLOW_HEADER)
+        if header is None or final.status != SUCCESS:
+            return  # not a workflow's task, or the workflow stops here
+        flow = Flow.from_header(header)
+        if flow.member is not None:
+            joined = await self._group(flow, final)
+        elif flow.item is not None or flow.each is not None:
+            joined = await self._fan_out(flow, message.id, final)
+        else:
+            joined = final.returning, ms_of(final.created_at, flow.ms)
+        if joined is not None and flow.rest:
+            await self.start(flow, *joined)
+
+    async def start(self, flow: Flow, value: Any, ms: int) -> None:
+        """Publish the unit after ``flow``'s, with ``value`` as its first argument."""
+        messages = unit_messages(flow.workflow, flow.next_step, flow.rest, (value,), ms,
+                                 claim=True, default_queue=self.runtime.default_queue)
+        await asyncio.gather(*(self.runtime.publish(m) for m in messages))
+        log.debug("workflow %s: started step %d (%s)", flow.workflow, flow.next_step,
+                  ", ".join(m.id for m in messages))
+
+    async def _group(self, flow: Flow, final: ResultEvent) -> tuple[list[Any], int] | None:
+        """The group's results once every member succeeded; None while one has not.
+        Siblings are read starting after this member: those are the likeliest to be
+        still running, so an early finisher stops at its first read."""
+        assert flow.member is not None
+        index, size = flow.member
+        finals = {index: final}
+        for other in ((index + k) % size for k in range(1, size)):
+            event = await self.store.get(derive_id(flow.workflow, step_path(flow.step, other),
+                                                   flow.ms))
+            if not _succeeded(event):
+                return None
+            assert event is not None
+            finals[other] = event
+        ordered = [finals[i] for i in range(size)]
+        return ([f.returning for f in ordered],
+                max(ms_of(f.created_at, flow.ms) for f in ordered))
+
+    async def _fan_out(self, flow: Flow, task_id: str,
+                       final: ResultEvent) -> tuple[list[Any], int] | None:
+        """The items' results, in yield order, once the generator succeeded and every
+        item its last attempt started did; None while one has not. Called by the
+        generator (``flow.each``) and by each item (``flow.item``)."""
+        if flow.item is not None:
+            assert flow.gen is not None
+            attempt, mine = flow.item
+            gen_id, index = flow.gen, flow.step
+            gen = await self.store.get(gen_id)
+            if not _succeeded(gen) or gen is None or gen.attempt != attempt:
+                return None  # the generator still runs (it joins when it ends) or failed
+        else:
+            gen, gen_id, index, mine = final, task_id, flow.step + 1, -1
+        count, item_ms = gen.partials, id_ms(gen_id)
+        finals: dict[int, ResultEvent] = {}
+        if mine >= 0:
+            finals[mine] = final
+        for seq in ((mine + k) % count for k in range(1, count + 1)):
+            if seq in finals:
+                continue
+            event = await self.store.get(derive_id(
+                flow.workflow, step_path(index, gen.attempt, seq), item_ms))
+            if not _succeeded(event):
+                return None
+            assert event is not None
+            finals[seq] = event
+        ordered = [finals[seq] for seq in range(count)]
+        last = max([ms_of(gen.created_at, flow.ms)]
+                   + [ms_of(f.created_at, flow.ms) for f in ordered])
+        return [f.returning for f in ordered], last
+
+    def fan_out_for(self, message: TaskMessage) -> Callable[[ResultEvent], Awaitable[None]] \
+            | None:
+        """For a generator followed by ``.each()``: what publishes the item of each of
+        its partials (its id keyed by the partial's ``(attempt, seq)``), awaited before
+        the generator goes on. None for any other task (the plain path pays nothing)."""
+        header = message.headers.get(FLOW_HEADER)
+        if header is None:
+            return None
+        flow = Flow.from_header(header)
+        each = flow.each
+        if each is None:
+            return None
+        index, item_ms = flow.step + 1, id_ms(message.id)
+
+        async def publish_item(event: ResultEvent) -> None:
+            item = Flow(flow.workflow, index, item_ms, flow.rest,
+                        item=(event.attempt, event.seq), gen=message.id, claim=new_claim())
+            task_id = derive_id(flow.workflow, step_path(index, event.attempt, event.seq),
+                                item_ms)
+            await self.runtime.publish(step_message(
+                each, task_id, (event.value,), item, time.time(), self.runtime.default_queue))
+
+        return publish_item
