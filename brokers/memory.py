@@ -13,13 +13,20 @@ import asyncio
 import heapq
 import itertools
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
-from qtasks.errors import ConfigurationError
-from qtasks.interfaces import Broker, DeadLetter, Delivery, QueueStats, dead_letter_ref
+from qtasks.errors import ConfigurationError, LeadershipLost
+from qtasks.interfaces import (
+    Broker,
+    DeadLetter,
+    Delivery,
+    Leadership,
+    QueueStats,
+    dead_letter_ref,
+)
 from qtasks.protocol import TaskMessage
 
 T = TypeVar("T")
@@ -59,6 +66,9 @@ class MemoryHub:
         self.order = itertools.count()
         self.changed: asyncio.Condition | None = None
         self.control: set[asyncio.Queue[bytes]] = set()
+        #: Periodic schedulers: the leader of each group, and what leaders recorded.
+        self.leaders: dict[str, MemoryLeadership] = {}
+        self.beat_state: dict[str, dict[str, float]] = {}
 
     def condition(self) -> asyncio.Condition:
         if self.changed is None:
@@ -161,6 +171,36 @@ class MemoryDelivery(Delivery):
                 dead_letter_ref(self.body), self.queue, self.body, reason, time.time()))
 
 
+class MemoryLeadership(Leadership):
+    """A turn as a group's periodic scheduler among the brokers of one hub; it ends when
+    its broker closes (as a process's connection does when it dies)."""
+
+    def __init__(self, hub: MemoryHub, group: str) -> None:
+        self.hub = hub
+        self.group = group
+        self.state = dict(hub.beat_state.get(group, {}))
+        self.lost = asyncio.Event()
+
+    async def commit(self, messages: Sequence[tuple[TaskMessage, bytes]],
+                     state: Mapping[str, float]) -> None:
+        if self.lost.is_set() or self.hub.leaders.get(self.group) is not self:
+            raise LeadershipLost(f"no longer the scheduler of {self.group!r}")
+        for message, body in messages:
+            await self.hub.put(message.queue, body, message.priority, message.not_before)
+        self.hub.beat_state[self.group] = dict(state)
+
+    async def resign(self) -> None:
+        await self.end(lost=False)
+
+    async def end(self, lost: bool) -> None:
+        if lost:
+            self.lost.set()
+        if self.hub.leaders.get(self.group) is self:
+            del self.hub.leaders[self.group]
+            async with self.hub.condition():
+                self.hub.condition().notify_all()
+
+
 class MemoryBroker(Broker):
     """In-process broker; the app runs an embedded worker on it by itself."""
 
@@ -171,6 +211,7 @@ class MemoryBroker(Broker):
         self.url = url
         self.hub = hub_for(url)
         self.unsettled: set[MemoryDelivery] = set()
+        self.leaderships: set[MemoryLeadership] = set()
 
     async def start(self) -> None:
         return None
@@ -178,6 +219,9 @@ class MemoryBroker(Broker):
     async def close(self) -> None:
         for delivery in list(self.unsettled):
             await delivery.requeue()
+        for turn in list(self.leaderships):
+            await turn.end(lost=True)
+        self.leaderships.clear()
 
     async def publish(self, message: TaskMessage, body: bytes) -> None:
         await self.hub.put(message.queue, body, message.priority, message.not_before)
@@ -212,6 +256,15 @@ class MemoryBroker(Broker):
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         return self.hub.dead[:limit]
+
+    async def lead(self, group: str, ttl: float) -> Leadership:
+        cond = self.hub.condition()
+        async with cond:
+            while group in self.hub.leaders:
+                await cond.wait()
+            turn = self.hub.leaders[group] = MemoryLeadership(self.hub, group)
+        self.leaderships.add(turn)
+        return turn
 
     async def dead_count(self) -> int:
         return len(self.hub.dead)

@@ -8,6 +8,7 @@ import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from datetime import tzinfo
 from types import TracebackType
 from typing import Any, overload
 
@@ -17,6 +18,7 @@ from qtasks.executors import BaseTaskExecutor
 from qtasks.interfaces import Broker, ResultStore, close_iterator
 from qtasks.middleware import Middleware, MiddlewareChain
 from qtasks.options import SendOptions, check_arguments, colliding_parameters
+from qtasks.periodic import Schedule, make_schedule
 from qtasks.protocol import DEFAULT_MAX_MESSAGE_SIZE, ResultEvent, TaskMessage, uuid7
 from qtasks.ratelimit import parse_rate
 from qtasks.registry import broker_from_url, redact, results_from_url
@@ -71,6 +73,8 @@ class QueueTasks(AppSignatures):
         self._embedded: Worker | None = None  # the in-process worker, for an embedded broker
         self._embedded_run: asyncio.Task[None] | None = None
         self._sync: SyncApp | None = None
+        #: Periodic tasks by schedule name (``periodic``), run by ``qtasks beat``.
+        self.schedules: dict[str, Schedule] = {}
 
     # What the runtime holds, read through the app as before.
     @property
@@ -163,6 +167,25 @@ class QueueTasks(AppSignatures):
             return TaskFunction(self, schema)
 
         return register(func) if func is not None else register
+
+    def periodic(self, task: str | object, *, cron: str | None = None,
+                 every: float | None = None, tz: str | tzinfo | None = None,
+                 args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
+                 name: str | None = None, missed: str = "skip") -> Schedule:
+        """Run ``task`` (a task, a signature ``task.s(...)`` or a task name) periodically:
+        ``cron="*/5 * * * *"`` read in time zone ``tz`` (default UTC; needs the ``beat``
+        extra), or ``every=`` seconds. ``qtasks beat module:app`` (or ``qtasks worker
+        --beat``) enqueues each tick once, however many run. ``missed`` says what a beat
+        does with ticks that fell due while none ran: ``"skip"`` them, or ``"run_once"``
+        (the latest of them). See ``docs/periodic.md``."""
+        schedule = make_schedule(task, cron=cron, every=every, tz=tz, args=args,
+                                 kwargs=kwargs, name=name, missed=missed)
+        if schedule.name in self.schedules:
+            raise ConfigurationError(
+                f"a periodic task named {schedule.name!r} is already declared; give each "
+                "a name= of its own")
+        self.schedules[schedule.name] = schedule
+        return schedule
 
     def queues(self) -> list[str]:
         """Every queue a registered task uses, the default queue first."""

@@ -61,3 +61,8 @@ class TaskCancelled(QTasksError):
 
 class TaskTimeLimitExceeded(QTasksError):
     """A task ran longer than its ``max_time``; reported as the final error's type."""
+
+
+class LeadershipLost(QTasksError):
+    """A periodic scheduler's turn as leader ended (``Broker.lead``): another process leads
+    now, so this one enqueues nothing more until it leads again."""

@@ -13,8 +13,9 @@ broker hands the message to another worker. Consumers de-duplicate results by
 from __future__ import annotations
 
 import abc
+import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -121,6 +122,32 @@ DeadLetterReason = Literal["undecodable", "unknown_task", "unsigned", "forged",
                            "delivery_limit"]
 
 
+class Leadership(abc.ABC):
+    """One process's turn as the active scheduler of a group (``Broker.lead``): while it
+    lasts, this process alone enqueues the group's periodic ticks, each together with the
+    record that it was enqueued (``qtasks.beat``, ``docs/periodic.md``)."""
+
+    #: What the leaders before recorded with ``commit``: the last tick enqueued (Unix
+    #: seconds) by schedule name, as read when this turn began.
+    state: dict[str, float]
+    #: Set when the turn ended without ``resign``: the connection was lost, or the lock
+    #: passed to another process. A ``commit`` after that raises ``LeadershipLost``.
+    lost: asyncio.Event
+
+    @abc.abstractmethod
+    async def commit(self, messages: Sequence[tuple[TaskMessage, bytes]],
+                     state: Mapping[str, float]) -> None:
+        """Publish ``messages`` (task messages with their encoded bodies) and record
+        ``state``, as one step as far as the broker allows: a leader that dies half-way
+        leaves either nothing or, where it cannot, copies that the broker drops (JetStream
+        de-duplication by the messages' ids). Raises ``LeadershipLost`` when the turn has
+        ended; nothing is then recorded."""
+
+    @abc.abstractmethod
+    async def resign(self) -> None:
+        """End the turn now, so that another process leads at once; idempotent."""
+
+
 class Broker(abc.ABC):
     """Carries task messages from producers to competing workers.
 
@@ -221,6 +248,15 @@ class Broker(abc.ABC):
     async def purge_dead(self) -> int:
         """Delete every dead letter; how many were deleted."""
         raise NotSupportedError(f"{type(self).__name__} cannot purge dead letters")
+
+    # -- periodic tasks: optional, for ``qtasks beat`` ----------------------------------
+
+    async def lead(self, group: str, ttl: float) -> Leadership:
+        """Wait until this process is the one leader of ``group`` among all that call
+        this on the same broker, then return its turn. A leader that dies is followed by
+        another within ``ttl`` seconds (sooner where the broker sees a closed connection
+        at once); the broker's own means decide, never a clock compared across hosts."""
+        raise NotSupportedError(f"{type(self).__name__} cannot elect a periodic scheduler")
 
 
 class ResultStore(abc.ABC):
