@@ -148,8 +148,10 @@ def serve_metrics(app: QueueTasks, port: int, host: str) -> Callable[[], None]:
 
 
 async def run_worker(app: QueueTasks, args: argparse.Namespace) -> None:
+    from qtasks.beat_command import alongside, beat_for
     from qtasks.worker import Worker
 
+    beat = beat_for(app, args)  # refused before connecting: no schedule, say
     where = " / ".join(dict.fromkeys(
         redact(str(getattr(b, "url", type(b).__name__)))
         for b in (app.broker, app.results_store)))
@@ -177,10 +179,12 @@ async def run_worker(app: QueueTasks, args: argparse.Namespace) -> None:
             else:
                 worker.grace = 0
             worker.stop()
+            if beat is not None:
+                beat.stop()
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
-        await worker.run()
+        await alongside(worker.run(), beat, worker.stop)
     finally:
         await app.close()
         if stop_metrics is not None:
@@ -265,6 +269,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "dashboard":
             run(run_dashboard(args))
+            return 0
+        if args.command == "beat":
+            from qtasks.beat_command import run_beat
+
+            run(run_beat(prepare_worker(args), args))
             return 0
         if args.command == "demo":
             from qtasks.demo import run_demo

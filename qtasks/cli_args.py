@@ -164,6 +164,26 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--metrics-host", default="127.0.0.1",
                         help="the address --metrics-port binds (default 127.0.0.1; "
                              "0.0.0.0 for every interface)")
+    worker.add_argument("--beat", action="store_true",
+                        help="also run the periodic scheduler (as `qtasks beat` does)")
+    worker.add_argument("--beat-group", default="default",
+                        help="with --beat: the group whose beats elect one leader")
+    worker.add_argument("--lock-ttl", type=positive_seconds, default=None,
+                        help="with --beat: seconds a dead leader holds the lead (default: "
+                             "half the shortest schedule interval, 0.25..10)")
+
+    beat = commands.add_parser("beat", parents=[urls],
+                               help="run the periodic scheduler of an app (as many as you "
+                                    "like: one leads, the others stand by)")
+    beat.add_argument("app", help="module:attribute of the QueueTasks app")
+    beat.add_argument("--group", default="default",
+                      help="beats of one group elect one leader (default: default)")
+    beat.add_argument("--lock-ttl", type=positive_seconds, default=None,
+                      help="seconds a dead leader holds the lead (default: half the "
+                           "shortest schedule interval, 0.25..10)")
+    beat.add_argument("--connect-timeout", type=seconds, default=None,
+                      help="give up connecting after this many seconds (default: the "
+                           "backend's, 30 s for RabbitMQ and NATS)")
 
     demo = commands.add_parser("demo", help="stream the seed's generator task",
                                parents=[common])

@@ -5,6 +5,7 @@ with clear errors, and beats electing one leader that enqueues each tick once.""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import subprocess
 import sys
 import time
@@ -236,7 +237,7 @@ async def test_two_beats_enqueue_each_tick_once_and_the_second_takes_over(hub: s
     assert [m.id for m in messages] == [tick_id("fast", t) for t in ticks]
     assert all(m.headers[SCHEDULE_HEADER] == "fast" and m.task == "tick" for m in messages)
     assert len(set(ticks)) == len(ticks)  # each once
-    steps = {round((b - a) / every) for a, b in zip(ticks, ticks[1:], strict=False)}
+    steps = {round((b - a) / every) for a, b in itertools.pairwise(ticks)}
     assert steps == {1}, ticks  # none missing across the takeover
     assert takeover < 2 * every + 0.05
 

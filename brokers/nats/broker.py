@@ -9,6 +9,8 @@ stream, and the operator's view). Names and options: ``docs/nats.md``.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -17,10 +19,11 @@ from nats.aio.msg import Msg
 from qtasks.brokers.nats.connection import Connection, Subscribed
 from qtasks.brokers.nats.consumer import HEARTBEAT, Consumption, NatsDelivery
 from qtasks.brokers.nats.dead_letters import DeadLetters, queue_stats
+from qtasks.brokers.nats.leadership import Elections
 from qtasks.brokers.nats.settings import number, parse_url
 from qtasks.brokers.nats.topology import HEADER_RESERVE, Topology
 from qtasks.errors import ConfigurationError
-from qtasks.interfaces import Broker, DeadLetter, Delivery, QueueStats
+from qtasks.interfaces import Broker, DeadLetter, Delivery, Leadership, QueueStats
 from qtasks.protocol import TaskMessage
 
 __all__ = ["NatsBroker", "NatsDelivery"]
@@ -51,6 +54,8 @@ class NatsBroker(Broker):
                                 number(self.options, "dead_letter_ttl", 0.0))
         self.unsettled: set[NatsDelivery] = set()
         self._consumptions: set[Consumption] = set()
+        self.elections = Elections(self.conn, self.prefix,
+                                   int(number(self.options, "replicas", 1)))
 
     def subject(self, queue: str) -> str:
         return self.topology.subject(queue)
@@ -161,6 +166,13 @@ class NatsBroker(Broker):
     async def purge_dead(self) -> int:
         await self.start()
         return await self.dead.purge()
+
+    # -- periodic schedulers (qtasks beat): leadership.py ------------------------------
+
+    async def lead(self, group: str, ttl: float) -> Leadership:
+        await self.start()
+        owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        return await self.elections.lead(group, ttl, owner, self.publish)
 
 
 async def _control(received: asyncio.Queue[bytes], sub: Subscribed) -> AsyncIterator[bytes]:

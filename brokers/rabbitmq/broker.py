@@ -15,9 +15,10 @@ from qtasks.brokers.rabbitmq import control as rabbitmq_control
 from qtasks.brokers.rabbitmq.connection import AmqpConnection, OnAmqpConnection
 from qtasks.brokers.rabbitmq.consumer import TaskConsumers
 from qtasks.brokers.rabbitmq.dead_letters import DeadLetterOffice
+from qtasks.brokers.rabbitmq.leadership import RabbitElections
 from qtasks.brokers.rabbitmq.settings import AmqpSettings
 from qtasks.brokers.rabbitmq.topology import TaskPublisher
-from qtasks.interfaces import Broker, DeadLetter, Delivery, QueueStats
+from qtasks.interfaces import Broker, DeadLetter, Delivery, Leadership, QueueStats
 from qtasks.protocol import TaskMessage
 
 
@@ -43,6 +44,7 @@ class RabbitMQBroker(OnAmqpConnection, Broker):
         self.publisher = TaskPublisher(self.connection, self.supports_priority)
         self.consumers = TaskConsumers(self.publisher)
         self.dead = DeadLetterOffice(self.publisher)
+        self.elections = RabbitElections(self.connection, self.publisher)
 
     def __repr__(self) -> str:
         return f"<RabbitMQBroker {self.url} prefix={self.settings.prefix}>"
@@ -91,3 +93,10 @@ class RabbitMQBroker(OnAmqpConnection, Broker):
 
     async def purge_dead(self) -> int:
         return await self.dead.purge_dead()
+
+    # -- periodic schedulers (qtasks beat): leadership.py --------------------------------
+
+    async def lead(self, group: str, ttl: float) -> Leadership:
+        # ``ttl`` is RabbitMQ's to keep: a dead consumer's lock passes on when its
+        # connection closes (at once for a killed process, else at the heartbeat timeout).
+        return await self.elections.lead(group)

@@ -145,16 +145,21 @@ class TaskPublisher:
 
     # -- publishing --------------------------------------------------------------------
 
-    async def publish(self, message: TaskMessage, body: bytes) -> None:
-        await self.connection.start()
-        await self.ensure_queue(message.queue)
+    def task_properties(self, message: TaskMessage) -> spec.Basic.Properties:
+        """A task message's AMQP properties: persistent, its id, task and attempt (and
+        priority, where the queue orders by it)."""
         priority = min(max(message.priority, 0), self.settings.max_priority)
-        properties = spec.Basic.Properties(
+        return spec.Basic.Properties(
             delivery_mode=2, content_type="application/json", message_id=message.id,
             message_type="task", app_id="qtasks",
             priority=priority if priority and self.supports_priority else None,
             headers={"x-qtasks-task": message.task, "x-qtasks-attempt": message.attempt},
         )
+
+    async def publish(self, message: TaskMessage, body: bytes) -> None:
+        await self.connection.start()
+        await self.ensure_queue(message.queue)
+        properties = self.task_properties(message)
         delay = message.not_before - time.time() if message.not_before is not None else 0.0
         if delay >= 0.001:
             # Rounded down: at most 10 % early, and the worker sends an early message
