@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from qtasks.canvas.wire import Step, derive_id, id_ms, is_each, is_group, ms_of, step_path
 from qtasks.errors import TaskFailedError, TaskTimeoutError
+from qtasks.protocol import ResultEvent
 from qtasks.schema import TaskStatus
 from qtasks.task import Restarted, Task
 
@@ -55,6 +56,9 @@ class WorkflowHandle:
         self.plan = plan
         #: Every task followed so far, by id.
         self.tasks: dict[str, Task] = {}
+        #: The ``created_at`` of each final read, by task id: what the ids after it are
+        #: made from (as the worker makes them from the same final).
+        self._created: dict[str, float | None] = {}
 
     def to_dict(self) -> dict[str, Any]:
         """What another process needs to follow this workflow (``from_dict``)."""
@@ -112,6 +116,7 @@ class WorkflowHandle:
 
     async def _run(self, emit: Emit | None) -> Any:
         """Follow each unit in turn; the last one's outcome."""
+        await self.runtime.start()
         ms, index = id_ms(self.id), 0
         outcome: Task | list[Any] | None = None
         lone_group = len(self.plan) == 1
@@ -127,16 +132,31 @@ class WorkflowHandle:
                 task = self._task(step_path(index), ms, step["task"])
                 await self._follow(task, index, emit)
                 self._check(index, task)
-                outcome, ms = task, ms_of(task.created_at, ms)
+                outcome, ms = task, self._ms_after(ms, task)
                 index += 1
         return outcome
 
-    async def _follow(self, task: Task, tag: Tag, emit: Emit | None) -> Task:
-        if emit is None:
-            return await task.wait()
-        async for value in task.stream():
-            emit(tag, value)
+    async def _follow(self, task: Task, tag: Tag, emit: Emit | None,
+                      partial: Callable[[ResultEvent], None] | None = None) -> Task:
+        """Every event of ``task`` to its final; its partials to ``emit`` (with a
+        ``Restarted`` marker between attempts, as ``Task.stream`` has them) and to
+        ``partial``."""
+        attempt = 0
+        async for event in task.events():
+            if event.kind == "final":
+                self._created[task.id] = event.created_at
+            elif event.kind == "partial" and emit is not None:
+                if attempt and event.attempt != attempt:
+                    emit(tag, Restarted(event.attempt, task.error))
+                attempt = event.attempt
+                emit(tag, event.value)
+                if partial is not None:
+                    partial(event)
         return task
+
+    def _ms_after(self, ms: int, *tasks: Task) -> int:
+        """The time of the ids that follow ``tasks``: their finals' latest ``created_at``."""
+        return max(ms_of(self._created.get(task.id), ms) for task in tasks)
 
     def _check(self, tag: Tag, *tasks: Task) -> None:
         for task in tasks:
@@ -151,7 +171,7 @@ class WorkflowHandle:
                                for i, task in enumerate(members)))
         for i, task in enumerate(members):
             self._check(i if lone else (index, i), task)
-        return [t.returning for t in members], max(ms_of(t.created_at, ms) for t in members)
+        return [t.returning for t in members], self._ms_after(ms, *members)
 
     async def _fan_out(self, index: int, step: Step, ms: int,
                        emit: Emit | None) -> tuple[list[Any], int]:
@@ -165,21 +185,14 @@ class WorkflowHandle:
         def item(attempt: int, seq: int) -> Task:
             return self._task(step_path(index + 1, attempt, seq), item_ms, name)
 
+        def started(event: ResultEvent) -> None:
+            """A partial of the generator: its item started; followed from now on."""
+            key = (event.attempt, event.seq)
+            following[key] = asyncio.create_task(self._follow(item(*key), (index + 1,
+                                                                           event.seq), emit))
+
         try:
-            if emit is None:
-                await gen.wait()
-            else:
-                attempt = 0
-                async for event in gen.events():
-                    if event.kind != "partial":
-                        continue
-                    if attempt and event.attempt != attempt:
-                        emit(index, Restarted(event.attempt, gen.error))
-                    attempt = event.attempt
-                    emit(index, event.value)
-                    key = (event.attempt, event.seq)
-                    following[key] = asyncio.create_task(self._follow(
-                        item(*key), (index + 1, event.seq), emit))
+            await self._follow(gen, index, emit, started)
             self._check(index, gen)
             items = [item(gen.attempt, seq) for seq in range(gen.partials)]
             await asyncio.gather(*(following.get((gen.attempt, seq))
@@ -190,5 +203,4 @@ class WorkflowHandle:
                 follower.cancel()  # those of an attempt that failed, or all on an error
         for seq, task in enumerate(items):
             self._check((index + 1, seq), task)
-        last = max([ms_of(gen.created_at, ms)] + [ms_of(t.created_at, ms) for t in items])
-        return [t.returning for t in items], last
+        return [t.returning for t in items], self._ms_after(ms, gen, *items)

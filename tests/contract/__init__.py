@@ -18,6 +18,7 @@ gate and see exactly when it is where.
 | ``cancellation`` | cancel requests, signed or not |
 | ``failures`` | task errors, time limits, retries, wait timeouts |
 | ``dead_letters`` | undecodable, unknown, unsigned and forged messages; requeue |
+| ``workflows`` | chain, group, chord, fan-out; copies of a continuation run once |
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from tests.contract.tasks import (
     gate,
     register_contract_tasks,
 )
+from tests.contract.workflows import WorkflowsContract
 
 __all__ = [
     "CALLS",
@@ -80,7 +82,8 @@ __all__ = [
 
 
 class BackendContract(ProducingContract, StreamingContract, ResultsContract, DeliveryContract,
-                      CancellationContract, FailuresContract, DeadLetterContract):
+                      CancellationContract, FailuresContract, DeadLetterContract,
+                    WorkflowsContract):
     """Subclass and override ``backend``."""
 
     @pytest.fixture

@@ -33,6 +33,10 @@ class DoublingExecutor(AsyncTaskExecutor):
 
 
 def register_contract_tasks(app: QueueTasks) -> None:
+    from tests.contract.workflow_tasks import register_workflow_tasks
+
+    register_workflow_tasks(app)
+
     async def yield_func(result: int) -> int:
         return result + 2
 
