@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from qtasks import QueueTasks
+from qtasks import QueueTasks, current_task
 
 app = QueueTasks()
 
@@ -51,6 +51,16 @@ async def say(*values: object):  # type: ignore[no-untyped-def]
     """Yields each of ``values`` in turn: what a test wants a reader to show."""
     for value in values:
         yield value
+
+
+@app.task(retry=2, retry_backoff=0.1)
+async def flaky(fails: int):  # type: ignore[no-untyped-def]
+    """Yields its attempt number, then fails if that is ``fails`` or less: retried, so
+    its readers see attempts."""
+    attempt = current_task().attempt
+    yield attempt
+    if attempt <= fails:
+        raise RuntimeError(f"attempt {attempt} fails")
 
 
 @app.task

@@ -84,6 +84,19 @@ def test_partials_live_in_order_markup_as_text_and_cancel(deployment: Deployment
         expect(page.locator("#task-returning")).to_have_text("[4,3,2,1,0]")
         expect(page.locator("#task-args")).to_have_text("args [5]\nkwargs {}")
 
+        # A retried task: each attempt with its partials, the failed one with its error.
+        retried = deployment.send("flaky", 1)
+        open_task(page, retried)
+        expect(status).to_have_text("success")
+        expect(page.locator("#attempt-1 .attempt-status")).to_contain_text(
+            "retried as attempt 2")
+        expect(page.locator("#attempt-1 .error-line")).to_have_text(
+            "RuntimeError: attempt 1 fails")
+        expect(page.locator("#attempt-1 .traceback")).to_contain_text("Traceback")
+        assert page.locator("#partials-1 li").all_text_contents() == ["1"]
+        assert page.locator("#partials-2 li").all_text_contents() == ["2"]
+        expect(page.locator("#task-summary .field-attempt")).to_have_text("2")
+
         # Markup in values is shown as text, on the task's page and in the feed.
         shown = deployment.send("say", *INJECTED)
         open_task(page, shown)

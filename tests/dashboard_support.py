@@ -15,7 +15,7 @@ import httpx
 import orjson
 import uvicorn
 
-from qtasks import QueueTasks, Worker
+from qtasks import QueueTasks, Worker, current_task
 from qtasks.dashboard import DashboardSettings, create_app
 from qtasks.dashboard.board import Dashboard
 from qtasks.dashboard.server import bind
@@ -37,6 +37,13 @@ def memory_app() -> QueueTasks:
     @app.task
     async def echo(value: Any) -> Any:
         return value
+
+    @app.task(retry=1, retry_backoff=0.01)
+    async def flaky():  # type: ignore[no-untyped-def]
+        attempt = current_task().attempt
+        yield attempt
+        if attempt == 1:
+            raise RuntimeError("the first attempt fails")
 
     @app.task
     async def wait_for_cancel(seconds: float) -> None:

@@ -80,6 +80,20 @@ async def test_a_finished_task_is_replayed_from_its_first_event() -> None:
     assert bad.status_code == 400
 
 
+async def test_a_retry_streams_as_a_new_attempt_with_the_error() -> None:
+    async with served() as board:
+        task = await board.app.add_task("flaky", timeout=10)
+        events = await sse(board.client, f"/api/tasks/{task.id}/events",
+                           lambda kind, data: kind == "end")
+    data = [(d["kind"], d["attempt"], d.get("status"), d.get("value"))
+            for kind, d in events if kind == "event"]
+    assert data == [("status", 1, "running", None), ("partial", 1, None, 1),
+                    ("status", 2, "new", None), ("status", 2, "running", None),
+                    ("partial", 2, None, 2), ("final", 2, "success", None)]
+    retry = [d for kind, d in events if kind == "event" and d.get("status") == "new"][0]
+    assert retry["error"]["message"] == "the first attempt fails"
+
+
 async def test_the_feed_fans_one_subscription_out_to_every_browser() -> None:
     async with served() as board:
         listeners = board.app.results_store.hub.listeners  # type: ignore[attr-defined]

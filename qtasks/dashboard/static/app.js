@@ -42,6 +42,15 @@ function seconds(value) {
   return (value / 60).toFixed(1) + " min";
 }
 
+function uptime(value) {
+  if (value === null || value === undefined) return "-";
+  const s = Math.floor(value), d = Math.floor(s / 86400), hrs = Math.floor(s % 86400 / 3600);
+  const m = Math.floor(s % 3600 / 60);
+  if (d) return d + "d" + hrs + "h";
+  if (hrs) return hrs + "h" + String(m).padStart(2, "0") + "m";
+  return m + "m" + String(s % 60).padStart(2, "0") + "s";
+}
+
 function taskLink(id, text) {
   return h("a", {href: "#/task/" + encodeURIComponent(id), class: "task-link", title: id}, text || id);
 }
@@ -138,7 +147,7 @@ function overviewPage(main) {
   const queues = h("tbody"), workers = h("tbody"), chart = h("div", {class: "chart"});
   const dead = h("span", {id: "dead-count"}, "-");
   const feed = new Feed();
-  main.append(
+  main.append(...[
     h("section", {class: "card"}, h("h2", {}, "Queues"),
       h("table", {id: "queues"}, h("thead", {}, h("tr", {},
         h("th", {}, "queue"), h("th", {}, "ready"), h("th", {}, "in flight"),
@@ -150,7 +159,7 @@ function overviewPage(main) {
           "state"].map((name) => h("th", {}, name)))), workers)),
     h("section", {class: "card wide"}, h("h2", {}, "Finished and failed tasks per second, last 5 minutes"), chart),
     QT.config.actions ? submitForm() : null,
-    feed.element);
+    feed.element].filter(Boolean));
 
   function showOverview(data) {
     if (data.error) notice("overview: " + data.error, true);
@@ -171,7 +180,7 @@ function overviewPage(main) {
       h("td", {}, (w.queues || []).join(", ")),
       h("td", {class: "num"}, w.in_flight + "/" + w.concurrency),
       h("td", {class: "num"}, w.done), h("td", {class: "num"}, w.failed),
-      h("td", {class: "num"}, seconds(w.uptime)), h("td", {}, w.state))));
+      h("td", {class: "num"}, uptime(w.uptime)), h("td", {}, w.state))));
   }
 
   const source = new EventSource("/api/stream");
@@ -194,7 +203,7 @@ function drawChart(box, rates) {
     if (text !== undefined) el.textContent = text;
     return el;
   };
-  const width = 600, height = 120, n = rates.finished.length;
+  const width = 1200, height = 120, n = rates.finished.length;
   const top = Math.max(1, ...rates.finished, ...rates.failed);
   const bar = width / n;
   const root = svg("svg", {viewBox: `0 0 ${width} ${height + 16}`, role: "img", class: "rates"});
