@@ -90,7 +90,7 @@ async def test_a_retry_streams_as_a_new_attempt_with_the_error() -> None:
     assert data == [("status", 1, "running", None), ("partial", 1, None, 1),
                     ("status", 2, "new", None), ("status", 2, "running", None),
                     ("partial", 2, None, 2), ("final", 2, "success", None)]
-    retry = [d for kind, d in events if kind == "event" and d.get("status") == "new"][0]
+    retry = next(d for kind, d in events if kind == "event" and d.get("status") == "new")
     assert retry["error"]["message"] == "the first attempt fails"
 
 
