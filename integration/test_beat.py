@@ -195,3 +195,22 @@ async def test_a_rate_limited_task_through_a_cli_worker(
     assert (n - 1) / 20 * 0.95 <= span <= (n - 1) / 20 * 1.5 + 1.0, span
     assert free.returning - sent < 1.0  # not behind the limited ones' slots
     assert free.returning < starts[-1] - 0.5
+
+
+async def test_a_worker_with_beat_schedules_and_runs_the_ticks(
+        deployment: tuple[str, dict[str, str]]) -> None:
+    url, env = deployment
+    reader = QueueTasks(broker=url, results=url, embedded_worker=False)
+    finals: list[ResultEvent] = []
+    collecting = await collect(reader, "beat_tick", finals)
+    try:
+        with workers(env, count=1, concurrency=2, app=APP, extra=["--beat"]) as (worker,):
+            await until(lambda: len(finals) >= 4, "4 ticks run by the worker's own beat",
+                        on_fail=lambda: worker.output)
+            assert " leads group 'default'" in worker.output
+    finally:
+        collecting.cancel()
+        await asyncio.gather(collecting, return_exceptions=True)
+        await reader.close()
+    ticks = [float(event.returning) for event in finals]
+    assert [event.id for event in finals] == [tick_id(SCHEDULE, t) for t in ticks]

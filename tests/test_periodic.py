@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import subprocess
 import sys
 import time
@@ -298,3 +299,40 @@ def test_a_beat_needs_schedules_and_a_broker_that_elects() -> None:
     app.periodic("t", every=5)
     with pytest.raises(Exception, match="cannot elect a periodic scheduler"):
         asyncio.run(Beat(app).run())
+
+
+def test_periodic_takes_the_signatures_of_the_canvas() -> None:
+    app = QueueTasks()
+
+    @app.task(queue="reports")
+    def report(day: str, *, fmt: str = "pdf") -> str:
+        return day
+
+    schedule = app.periodic(report.s("monday", fmt="csv"), cron="0 9 * * 1",
+                            tz="Europe/Paris")
+    assert (schedule.task, schedule.args, schedule.kwargs) == ("report", ["monday"],
+                                                               {"fmt": "csv"})
+    by_name = app.periodic(app.signature("elsewhere", args=[1], queue="other"), every=60)
+    assert (by_name.task, by_name.args, by_name.queue) == ("elsewhere", [1], "other")
+    with pytest.raises(ConfigurationError, match="takes a task name, a task or a signature"):
+        app.periodic(report.s("a") | report.s(), every=60, name="chain")
+
+
+def test_the_beat_command_refuses_an_app_without_schedules_or_a_memory_broker(
+        tmp_path: Any) -> None:
+    (tmp_path / "noschedule.py").write_text(
+        "from qtasks import QueueTasks\napp = QueueTasks('nats://127.0.0.1:1')\n")
+    (tmp_path / "inmemory.py").write_text(
+        "from qtasks import QueueTasks\napp = QueueTasks()\napp.periodic('t', every=5)\n")
+
+    def beat(app: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("QTASKS_")}
+        return subprocess.run([sys.executable, "-m", "qtasks", "beat", app], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=60)
+
+    refused = beat("noschedule:app")
+    assert refused.returncode == 2
+    assert "the app declares no periodic task" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    refused = beat("inmemory:app")
+    assert refused.returncode == 2 and "memory://" in refused.stderr
