@@ -29,6 +29,8 @@ from qtasks.brokers.nats.pubacks import PubAcks
 from qtasks.brokers.nats.settings import (
     configuration_problem,
     connect_kwargs,
+    forming_hint,
+    is_forming,
     is_transient,
     number,
     requires_tls,
@@ -254,9 +256,11 @@ class Connection:
         await _close_quietly(nc)
 
     async def retry(self, what: str, call: Callable[[], Awaitable[T]],
-                    timeout: float | None = None) -> T:
+                    timeout: float | None = None,
+                    transient: Callable[[BaseException], bool] = is_transient) -> T:
         """Run a JetStream call, retrying transient failures (server restart, leader
-        election) with backoff for ``timeout`` seconds (default ``publish_timeout``)."""
+        election; ``is_forming`` at start-up) with backoff for ``timeout`` seconds
+        (default ``publish_timeout``)."""
         deadline = time.monotonic() + (self.publish_timeout if timeout is None else timeout)
         delay = 0.05
         while True:
@@ -265,7 +269,7 @@ class Connection:
             except Exception as exc:
                 # A client closed for good is no reason to stop while it is being reopened.
                 reopening = self._reopening is not None and not self._reopening.done()
-                if (not reopening and (self.nc.is_closed or not is_transient(exc))) \
+                if (not reopening and (self.nc.is_closed or not transient(exc))) \
                         or time.monotonic() > deadline:
                     raise
                 log.info("NATS %s: %s failed (%s: %s); retrying", self.role, what,
@@ -281,7 +285,8 @@ class Connection:
             for attempt in range(3):
                 try:
                     await self.retry(f"create stream {config.name}",
-                                     lambda: js.add_stream(config), timeout=self.connect_timeout)
+                                     lambda: js.add_stream(config), timeout=self.connect_timeout,
+                                     transient=is_forming)
                     return
                 except nats.js.errors.BadRequestError as exc:
                     # 10058: the name is in use with another config. 10065: the subjects
@@ -296,7 +301,7 @@ class Connection:
                                         lambda: self._exists(config)):
                         await self.retry(f"update stream {config.name}",
                                          lambda: js.update_stream(config),
-                                         timeout=self.connect_timeout)
+                                         timeout=self.connect_timeout, transient=is_forming)
                         return
                     if attempt == 2:
                         raise ConfigurationError(
@@ -306,12 +311,12 @@ class Connection:
                             "stream") from exc
                 await asyncio.sleep(0.2 * (attempt + 1))
         except Exception as exc:
-            if not is_transient(exc):
+            if not is_forming(exc):
                 raise
             raise BrokerUnavailableError(
                 f"cannot create stream {config.name} on {redact(self.url)} within "
-                f"{self.connect_timeout:g} s: {type(exc).__name__}: {exc} (is JetStream "
-                "enabled? nats-server -js)") from None
+                f"{self.connect_timeout:g} s: {type(exc).__name__}: {exc}"
+                f"{forming_hint(exc)}") from None
 
     async def _exists(self, config: StreamConfig) -> bool:
         try:

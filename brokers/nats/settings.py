@@ -197,3 +197,28 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, nats.js.errors.APIError) and getattr(exc, "code", None) in (503, 500):
         return True
     return isinstance(exc, TRANSIENT)
+
+
+#: JetStream API errors of a cluster still forming (or missing a server) when streams,
+#: buckets and consumers are declared, with what they mean. A replicated stream is
+#: placed on as many servers as its replicas: right after a cluster starts, or while one
+#: of three servers is down, there are not enough JetStream peers yet.
+FORMING: dict[int, str] = {
+    10005: "too few JetStream servers in the cluster for the stream's replicas yet",
+    10023: "the JetStream servers lack resources to place the stream (yet)",
+    10008: "JetStream is not available yet (no meta leader elected)",
+}
+
+
+def is_forming(exc: BaseException) -> bool:
+    """``is_transient``, or an error of a cluster still forming (``FORMING``): at start-up,
+    retried with backoff within ``connect_timeout``."""
+    return is_transient(exc) or (isinstance(exc, nats.js.errors.APIError)
+                                 and getattr(exc, "err_code", None) in FORMING)
+
+
+def forming_hint(exc: BaseException) -> str:
+    """What a start-up error means, for the error raised once the retries are over."""
+    hint = FORMING.get(getattr(exc, "err_code", None) or 0)
+    return f" ({hint}: are all servers of the cluster up and routed to each other?)" \
+        if hint else " (is JetStream enabled? nats-server -js)"

@@ -24,8 +24,8 @@ from nats.js.api import (
 
 from qtasks.brokers.nats.connection import Connection
 from qtasks.brokers.nats.pubacks import EXPECTED_STREAM
-from qtasks.brokers.nats.settings import token
-from qtasks.errors import MessageTooLargeError
+from qtasks.brokers.nats.settings import forming_hint, is_forming, token
+from qtasks.errors import BrokerUnavailableError, MessageTooLargeError
 from qtasks.protocol import TaskMessage
 
 #: Header names, part of the documented wire format.
@@ -97,8 +97,19 @@ class Topology:
             filter_subject=self.subject(queue), max_ack_pending=self.max_ack_pending,
             description=f"QTasks workers of queue {queue!r}")
         js = self.conn.js
-        await self.conn.retry(f"create consumer {name}",
-                              lambda: js.add_consumer(self.stream, config))
+        try:
+            # A consumer of a replicated stream is placed like the stream: at start-up,
+            # the cluster may not have the peers or the stream leader yet.
+            await self.conn.retry(f"create consumer {name}",
+                                  lambda: js.add_consumer(self.stream, config),
+                                  timeout=self.conn.connect_timeout, transient=is_forming)
+        except Exception as exc:
+            if not is_forming(exc):
+                raise
+            raise BrokerUnavailableError(
+                f"cannot create consumer {name} of stream {self.stream} within "
+                f"{self.conn.connect_timeout:g} s: {type(exc).__name__}: {exc}"
+                f"{forming_hint(exc)}") from None
         self.consumers.add(queue)
 
     def task(self, message: TaskMessage, body: bytes) -> tuple[str, dict[str, str]]:

@@ -13,19 +13,18 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TypeVar, cast
 from urllib.parse import urlsplit
 
-import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
-from aio_pika.connection import make_url
 from aio_pika.exceptions import (
     AMQPConnectionError,
-    AuthenticationError,
     ChannelClosed,
     ChannelInvalidStateError,
     DeliveryError,
@@ -39,6 +38,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from qtasks.brokers.rabbitmq.hosts import REFUSED, FailoverConnection
 from qtasks.brokers.rabbitmq.settings import AmqpSettings
 from qtasks.errors import BrokerUnavailableError, ConfigurationError, QTasksError
 
@@ -51,12 +51,6 @@ T = TypeVar("T")
 TRANSIENT: tuple[type[BaseException], ...] = (
     AMQPConnectionError, ChannelInvalidStateError, ConnectionError, OSError, TimeoutError,
 )
-
-#: How RabbitMQ refuses credentials: aio-pika's error, or aiormq's when the server closes
-#: the connection during the handshake (what 3.x does for a wrong password). Retrying it
-#: only hides the cause behind "cannot connect" for ``connect_timeout`` seconds.
-REFUSED: tuple[type[BaseException], ...] = (
-    AuthenticationError, aiormq.exceptions.ProbableAuthenticationError)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -76,17 +70,21 @@ def connection_name(settings: AmqpSettings, role: str) -> str:
 
 
 def _scrub(text: str, settings: AmqpSettings) -> str:
-    password = urlsplit(settings.connection_url).password
-    return text.replace(password, "***") if password else text
+    for host in settings.hosts:
+        password = urlsplit(host).password
+        text = text.replace(password, "***") if password else text
+    return text
 
 
-async def connect(settings: AmqpSettings, name: str) -> AbstractRobustConnection:
+async def connect(settings: AmqpSettings, name: str,
+                  timeout: float | None = None) -> AbstractRobustConnection:
     """A robust connection (it reconnects and restores channels, queues, bindings and
-    consumers by itself), retrying the first attempt with backoff for
-    ``connect_timeout`` seconds: a worker started before its broker waits for it."""
+    consumers by itself), retrying the first attempt with backoff for ``timeout``
+    (default ``connect_timeout``) seconds: a worker started before its broker waits."""
+    timeout = settings.connect_timeout if timeout is None else timeout
     try:
         async for attempt in AsyncRetrying(
-            stop=stop_after_delay(settings.connect_timeout),
+            stop=stop_after_delay(timeout),
             wait=wait_exponential(multiplier=0.2, max=5.0),
             retry=retry_if_exception(is_transient),
             reraise=True,
@@ -105,19 +103,19 @@ async def connect(settings: AmqpSettings, name: str) -> AbstractRobustConnection
             raise
         raise BrokerUnavailableError(
             f"cannot connect to RabbitMQ at {settings.display_url} within "
-            f"{settings.connect_timeout:g} s: {_scrub(str(exc), settings) or type(exc).__name__}"
+            f"{timeout:g} s: {_scrub(str(exc), settings) or type(exc).__name__}"
         ) from None
     raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def _connect_once(settings: AmqpSettings, name: str) -> AbstractRobustConnection:
-    """``aio_pika.connect_robust``, closing the connection object when the attempt fails:
-    dropped unclosed, aio-pika's ``__del__`` makes a ``close()`` coroutine that, when the
-    collector runs outside the event loop, is never awaited (a RuntimeWarning)."""
-    connection = aio_pika.RobustConnection(make_url(settings.connection_url),
-                                           client_properties={"connection_name": name})
+    """``aio_pika.connect_robust`` over every host of the URL (``FailoverConnection``),
+    each attempt bounded by ``host_timeout``; the connection object is closed when the
+    attempt fails: dropped unclosed, aio-pika's ``__del__`` makes a ``close()`` coroutine
+    that, when the collector runs outside the event loop, is never awaited."""
+    connection = FailoverConnection(settings.hosts, client_properties={"connection_name": name})
     try:
-        await connection.connect()
+        await connection.connect(timeout=settings.host_timeout)
     except BaseException:
         await quietly(connection.close())
         raise
@@ -184,6 +182,60 @@ def raise_if_refused(exc: BaseException, settings: AmqpSettings) -> None:
             "queue_type, max_priority or ttl): delete it or use another prefix") from exc
 
 
+#: How RabbitMQ answers a declaration while a cluster forms, or has lost the majority a
+#: quorum queue or stream needs: ``cluster_not_formed`` (541, closing the connection), a
+#: node or Ra process down, a leader or stream coordinator not there (yet).
+_FORMING = re.compile(r"cluster_not_formed|not_formed|nodedown|noproc|no_quorum|timeout|"
+                      r"coordinator|leader|unavailable", re.IGNORECASE)
+#: Seconds one declaration may take (RabbitMQ may hold a stream's declaration without a
+#: majority for as long as it lacks one).
+DECLARE_TIMEOUT = 10.0
+
+
+def is_forming(exc: BaseException) -> bool:
+    """A declaration failed for what time cures in a cluster: a lost connection, a
+    declaration that timed out, or a cluster without the majority it needs (yet)."""
+    if isinstance(exc, (*REFUSED, PublishError)) or "PRECONDITION_FAILED" in str(exc):
+        return False
+    return is_transient(exc) or isinstance(exc, TimeoutError) or (
+        isinstance(exc, aiormq.exceptions.AMQPError) and bool(_FORMING.search(str(exc))))
+
+
+def forming_error(settings: AmqpSettings, what: str, timeout: float,
+                  exc: BaseException) -> BrokerUnavailableError:
+    return BrokerUnavailableError(
+        f"{what}: RabbitMQ at {settings.display_url} did not take it within {timeout:g} s "
+        f"({type(exc).__name__}: {_scrub(str(exc), settings)}); quorum queues and streams "
+        "need a majority of the cluster's nodes running and clustered")
+
+
+async def declaring(connection: AmqpConnection, what: str,
+                    operation: Callable[[], Awaitable[T]]) -> T:
+    """Run a declaration, each try bounded by ``DECLARE_TIMEOUT``, retrying what
+    ``is_forming`` (a cluster forming, a leader being elected, a reconnect) with backoff
+    for ``connect_timeout`` seconds; then a ``BrokerUnavailableError`` naming the cause.
+    Refused arguments are a ``ConfigurationError`` at once."""
+    settings = connection.settings
+    deadline = time.monotonic() + settings.connect_timeout
+    pause = 0.1
+    while True:
+        try:
+            async with asyncio.timeout(DECLARE_TIMEOUT):
+                return await operation()
+        except Exception as exc:
+            raise_if_refused(exc, settings)
+            if not is_forming(exc):
+                raise
+            if time.monotonic() + pause > deadline:
+                raise forming_error(settings, what, settings.connect_timeout, exc) from exc
+            log.info("%s failed (%s: %s); retrying", what, type(exc).__name__, exc)
+        await asyncio.sleep(pause)
+        pause = min(2 * pause, 2.0)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await connection.wait_up()
+
+
 async def quietly(operation: Awaitable[object], timeout: float = 5.0) -> None:
     """Best-effort cleanup (cancel a consumer, close a channel): errors and a connection
     that never comes back are ignored, because a robust channel waits for its connection
@@ -212,6 +264,7 @@ class AmqpConnection:
         self.settings = settings
         #: As RabbitMQ lists the connection (``rabbitmqctl list_connections``).
         self.name = connection_name(settings, role)
+        self.role = role
         self.robust: AbstractRobustConnection | None = None
         self.setup: list[Setup] = []
         self.reconnect_listeners: list[Callable[[], None]] = []
@@ -228,14 +281,31 @@ class AmqpConnection:
             if self.robust is not None:
                 return
             settings = self.settings
-            connection = await connect(settings, self.name)
-            try:
-                for step in self.setup:
-                    await step(connection)
-            except BaseException as exc:
-                await connection.close()
-                raise_if_refused(exc, settings)
-                raise
+            deadline = time.monotonic() + settings.connect_timeout
+            pause = 0.2
+            while True:
+                connection = await connect(settings, self.name,
+                                           max(1.0, deadline - time.monotonic()))
+                try:
+                    async with asyncio.timeout(DECLARE_TIMEOUT):
+                        for step in self.setup:
+                            await step(connection)
+                    break
+                except BaseException as exc:
+                    await connection.close()
+                    raise_if_refused(exc, settings)
+                    if not isinstance(exc, Exception) or not is_forming(exc):
+                        raise
+                    if time.monotonic() + pause > deadline:
+                        raise forming_error(settings, f"declaring the {self.role}'s "
+                                            "exchanges and queues", settings.connect_timeout,
+                                            exc) from exc
+                    # A cluster forming or electing: a new connection (maybe to another
+                    # node) declares again.
+                    log.info("declaring on %s failed (%s: %s); retrying",
+                             settings.display_url, type(exc).__name__, exc)
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, 2.0)
             connection.close_callbacks.add(self._on_lost)
             connection.reconnect_callbacks.add(self._on_reconnect)
             self.robust = connection

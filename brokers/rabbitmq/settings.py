@@ -15,11 +15,12 @@ import math
 import os
 import re
 import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode
 
+from qtasks.brokers.rabbitmq.hosts import split_hosts, url_text
 from qtasks.errors import ConfigurationError
 from qtasks.registry import redact
 
@@ -114,8 +115,12 @@ class AmqpSettings:
     publish_timeout: float = 30.0
     #: Seconds the first connection keeps retrying before ``start`` fails.
     connect_timeout: float = 30.0
-    #: Seconds between reconnection attempts of an established connection.
+    #: Seconds between reconnection attempts of an established connection (after a round
+    #: in which no host answered: the next host is tried at once).
     reconnect_interval: float = 1.0
+    #: Seconds one connection attempt to one host may take (TCP, TLS and AMQP handshakes)
+    #: before the next host is tried: a frozen node accepts TCP and never answers.
+    host_timeout: float = 5.0
     #: Leads the name each connection shows in ``rabbitmqctl list_connections`` and the
     #: management UI (default ``qtasks``). aiormq's own ``name`` query option would be
     #: overridden by that name, so it is an option of ours.
@@ -123,25 +128,26 @@ class AmqpSettings:
     #: The URL handed to aio-pika (our options removed), and the same with no password.
     connection_url: str = ""
     display_url: str = ""
+    #: One such URL per host (``connection_url`` is the first).
+    hosts: list[str] = field(default_factory=list)
 
     @classmethod
-    def parse(cls, url: str, options: Mapping[str, Any]) -> AmqpSettings:
-        parts = urlsplit(url)
-        if parts.scheme not in ("amqp", "amqps"):
-            raise ConfigurationError(f"not an AMQP URL: {redact(url)!r}")
-        known = {f.name for f in fields(cls)} - {"connection_url", "display_url"}
+    def parse(cls, url: str | Sequence[str], options: Mapping[str, Any]) -> AmqpSettings:
+        """From a URL naming one host or several (``hosts.split_hosts``) and keywords."""
+        hosts, query = split_hosts(url)
+        known = {f.name for f in fields(cls)} - {"connection_url", "display_url", "hosts"}
         unknown = set(options) - known
         if unknown:
             raise ConfigurationError(
                 f"unknown RabbitMQ option(s) {sorted(unknown)}; known: {sorted(known)}")
         ours: dict[str, Any] = {}
-        passed: list[tuple[str, str]] = []
-        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        passed: dict[str, str] = {}
+        for key, value in parse_qsl(query, keep_blank_values=True):
             if key in known:
                 ours[key] = value
             elif key in CONNECTION_OPTIONS:
                 _check_connection_option(key, value)
-                passed.append((key, value))
+                passed[key] = value
             else:
                 raise ConfigurationError(_unknown_query_option(key, known))
         ours.update(options)
@@ -155,9 +161,10 @@ class AmqpSettings:
                     raise ConfigurationError(
                         f"RabbitMQ option {f.name}={ours[f.name]!r} is not a "
                         f"{type(default).__name__}") from None
-        passed.append(("reconnect_interval", str(settings.reconnect_interval)))
-        settings.connection_url = urlunsplit(parts._replace(query=urlencode(passed)))
-        settings.display_url = redact(url)
+        passed["reconnect_interval"] = str(settings.reconnect_interval)
+        settings.hosts = [f"{host}?{urlencode(passed)}" for host in hosts]
+        settings.connection_url = settings.hosts[0]
+        settings.display_url = redact(url_text(url))
         settings.validate()
         return settings
 
@@ -172,6 +179,8 @@ class AmqpSettings:
             raise ConfigurationError("max_priority must be between 0 and 255")
         if self.delivery_limit < 1 or self.ttl <= 0:
             raise ConfigurationError("delivery_limit and ttl must be positive")
+        if self.host_timeout <= 0 or self.connect_timeout <= 0:
+            raise ConfigurationError("host_timeout and connect_timeout must be positive")
         if not 0 <= self.prefetch <= 65535:
             raise ConfigurationError(
                 "prefetch must be between 0 and 65535 (0: the worker's concurrency)")

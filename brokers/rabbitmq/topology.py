@@ -25,12 +25,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
-from aio_pika.exceptions import ChannelClosed, PublishError
+from aio_pika.exceptions import PublishError
 from aiormq import spec
 
 from qtasks.brokers.rabbitmq.connection import (
     AmqpConnection,
-    raise_if_refused,
+    declaring,
     retrying,
     send,
 )
@@ -113,14 +113,15 @@ class TaskPublisher:
         async with self._lock:
             if name in self._declared and not force:
                 return
-            try:
+            async def declare() -> None:
                 declared = await self._admin_channel().declare_queue(
                     name, durable=True, arguments=self.settings.work_queue_arguments(),
                     robust=False)
                 await declared.bind(self.settings.tasks_exchange, queue, robust=False)
-            except ChannelClosed as exc:
-                raise_if_refused(exc, self.settings)
-                raise
+
+            # A quorum queue is declared by a majority of a cluster's nodes: retried while
+            # the cluster forms or elects.
+            await declaring(self.connection, f"declaring queue {name}", declare)
             self._declared.add(name)
 
     async def _ensure_delay_queue(self, queue: str, ttl_ms: int, force: bool = False) -> str:
@@ -128,9 +129,10 @@ class TaskPublisher:
         now = time.monotonic()
         if not force and now - self._delay_declared.get(name, -1e9) < DELAY_REDECLARE_S:
             return name
-        await self._admin_channel().declare_queue(
-            name, durable=True, arguments=self.settings.delay_queue_arguments(queue, ttl_ms),
-            robust=False)
+        await declaring(self.connection, f"declaring queue {name}",
+                        lambda: self._admin_channel().declare_queue(
+                            name, durable=True, robust=False,
+                            arguments=self.settings.delay_queue_arguments(queue, ttl_ms)))
         self._delay_declared[name] = now
         if len(self._delay_declared) > 1000:  # forget queues that have expired by now
             horizon = now - DELAY_QUEUE_IDLE_MS / 1000.0

@@ -21,7 +21,7 @@ from typing import Any
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 
 from qtasks.brokers.nats.connection import Connection
-from qtasks.brokers.nats.settings import number, parse_url
+from qtasks.brokers.nats.settings import is_forming, number, parse_url
 from qtasks.interfaces import ResultStore
 from qtasks.protocol import ResultEvent
 from qtasks.results.nats.inbox import LiveInbox
@@ -86,7 +86,9 @@ class NatsResultStore(ResultStore):
             description="QTasks latest status of each task"))
         js = self.conn.js
         self.replay.kv = await self.conn.retry("open KV bucket",
-                                               lambda: js.key_value(self.bucket))
+                                               lambda: js.key_value(self.bucket),
+                                               timeout=self.conn.connect_timeout,
+                                               transient=is_forming)
 
     async def close(self) -> None:
         if not self.conn.started:
