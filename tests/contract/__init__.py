@@ -19,6 +19,7 @@ gate and see exactly when it is where.
 | ``failures`` | task errors, time limits, retries, wait timeouts |
 | ``dead_letters`` | undecodable, unknown, unsigned and forged messages; requeue |
 | ``workflows`` | chain, group, chord, fan-out; copies of a continuation run once |
+| ``leadership`` | ``Broker.lead``: one periodic scheduler per group, its record, takeover |
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tests.contract.cancellation import CancellationContract
 from tests.contract.dead_letters import DeadLetterContract
 from tests.contract.delivery import DeliveryContract
 from tests.contract.failures import FailuresContract
+from tests.contract.leadership import LeadershipContract
 from tests.contract.producing import ProducingContract
 from tests.contract.results import ResultsContract
 from tests.contract.streaming import StreamingContract
@@ -83,7 +85,7 @@ __all__ = [
 
 class BackendContract(ProducingContract, StreamingContract, ResultsContract, DeliveryContract,
                       CancellationContract, FailuresContract, DeadLetterContract,
-                    WorkflowsContract):
+                    WorkflowsContract, LeadershipContract):
     """Subclass and override ``backend``."""
 
     @pytest.fixture
