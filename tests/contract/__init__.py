@@ -20,6 +20,7 @@ gate and see exactly when it is where.
 | ``dead_letters`` | undecodable, unknown, unsigned and forged messages; requeue |
 | ``workflows`` | chain, group, chord, fan-out; copies of a continuation run once |
 | ``leadership`` | ``Broker.lead``: one periodic scheduler per group, its record, takeover |
+| ``ratelimit`` | a rate-limited task spaced through the broker, others not held up |
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from tests.contract.delivery import DeliveryContract
 from tests.contract.failures import FailuresContract
 from tests.contract.leadership import LeadershipContract
 from tests.contract.producing import ProducingContract
+from tests.contract.ratelimit import RateLimitContract
 from tests.contract.results import ResultsContract
 from tests.contract.streaming import StreamingContract
 from tests.contract.support import (
@@ -85,7 +87,7 @@ __all__ = [
 
 class BackendContract(ProducingContract, StreamingContract, ResultsContract, DeliveryContract,
                       CancellationContract, FailuresContract, DeadLetterContract,
-                    WorkflowsContract, LeadershipContract):
+                    WorkflowsContract, LeadershipContract, RateLimitContract):
     """Subclass and override ``backend``."""
 
     @pytest.fixture
