@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 #: fields (a partial's value, a final's returning, the arguments, a traceback) are
 #: replaced by their size. The task's own page reads the event whole.
 FEED_MAX = 16_384
+#: How long the feed gathers events before writing them to a browser: at most 20 writes
+#: a second, a delay no eye sees. A task's own page is not delayed.
+FEED_LINGER = 0.05
 #: Fields a feed event may lose when it is over ``FEED_MAX``, largest first in practice.
 _BULKY = ("returning", "value", "args", "kwargs")
 
@@ -70,6 +73,17 @@ class Client:
             dropped, self.dropped = self.dropped, 0
             return "gap", dumps({"dropped": dropped})
         return await self.queue.get()
+
+    async def batch(self, linger: float = 0.0, most: int = 256) -> list[tuple[str, bytes]]:
+        """The next push and those that came within ``linger`` seconds after it (up to
+        ``most``): written to the browser in one go. At hundreds of events a second, one
+        write per batch instead of one per event is most of the dashboard's work saved."""
+        pushes = [await self.next()]
+        if linger > 0:
+            await asyncio.sleep(linger)  # a pace, not a synchronisation: gather the burst
+        while len(pushes) < most and not self.queue.empty() and not self.dropped:
+            pushes.append(self.queue.get_nowait())
+        return pushes
 
 
 class Rates:

@@ -15,7 +15,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from qtasks.dashboard import sse
-from qtasks.dashboard.hub import dumps
+from qtasks.dashboard.hub import FEED_LINGER, dumps
 from qtasks.errors import MessageDecodeError, NotSupportedError
 from qtasks.protocol import ResultEvent, decode_task
 from qtasks.registry import redact
@@ -127,8 +127,8 @@ async def stream(request: Request) -> Response:
             yield sse.frame("hello", dumps(hello))
 
             async def next_frame() -> bytes:
-                kind, data = await client.next()
-                return sse.frame(kind, data)
+                pushes = await client.batch(FEED_LINGER)
+                return b"".join(sse.frame(kind, data) for kind, data in pushes)
 
             async for chunk in sse.frames(next_frame, board.settings.keepalive):
                 yield chunk
