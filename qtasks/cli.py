@@ -240,8 +240,9 @@ async def run_dashboard(args: argparse.Namespace) -> None:
     if args.queues:
         queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     settings = server.settings_of(args.host, args.allow_actions, args.token, queues)
-    await server.run_dashboard(app, args.host, args.port, settings,
-                10.0 if args.connect_timeout is None else args.connect_timeout)
+    # Without the flag, an app's backends keep their own deadline (and its error).
+    timeout = args.connect_timeout if args.app or args.connect_timeout is not None else 10.0
+    await server.run_dashboard(app, args.host, args.port, settings, timeout)
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
