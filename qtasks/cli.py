@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from qtasks.app import QueueTasks
 from qtasks.cli_args import build_parser, resolve
 from qtasks.errors import ConfigurationError, QTasksError, TaskTimeoutError
+from qtasks.log_output import TurnBufferedHandler
 from qtasks.operator import Operator, ask_on_terminal, connect
 from qtasks.registry import redact
 from qtasks.workers_command import show_workers, watch_workers
@@ -69,7 +70,8 @@ def load_app(spec: str) -> QueueTasks:
 
 
 def setup_logging(level: int, quiet: bool = False) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=[TurnBufferedHandler()])
     if level > logging.DEBUG:
         for name in CLIENT_LOGGERS:
             logging.getLogger(name).setLevel(logging.CRITICAL)
