@@ -24,6 +24,7 @@ from integration.dashboard_support import TOKEN, Deployment, deployment_on, runn
 from integration.processes import workers
 
 WAIT_MS = 30_000
+expect.set_options(timeout=WAIT_MS)  # a loaded CI machine: deadlines, not 5 s
 INJECTED = ["<script>window.qtasksInjected = 1</script>",
             '<img src="x" onerror="window.qtasksInjected = 2">']
 
