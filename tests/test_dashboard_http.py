@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from qtasks.dashboard import DashboardSettings
-from qtasks.protocol import TaskMessage, encode
+from qtasks.protocol import ResultEvent, TaskMessage, encode
 from tests.dashboard_support import TOKEN, served, sse
 
 STATIC = Path(__file__).resolve().parent.parent / "qtasks" / "dashboard" / "static"
@@ -223,3 +223,18 @@ async def test_only_loopback_host_names_are_answered_when_bound_to_loopback() ->
         assert (await board.client.get("/api/config")).status_code == 200
         rebound = await board.client.get("/api/config", headers={"Host": "evil.example"})
         assert rebound.status_code == 400
+
+
+async def test_a_task_stream_whose_read_fails_closes_without_end() -> None:
+    """``end`` means the final was read: after a failed read the browser reconnects (and
+    reads from the first again) instead of showing a task as finished."""
+    async with served(worker=False) as board:
+        async def broken(task_id: str) -> Any:
+            yield ResultEvent(kind="status", id=task_id, task="t", status="running")
+            raise ConnectionError("the store went away")
+
+        board.app.results_store.watch = broken  # type: ignore[method-assign]
+        with pytest.raises(AssertionError, match="the stream ended first") as failed:
+            await sse(board.client, "/api/tasks/some-id/events",
+                      lambda kind, data: kind == "end")
+    assert "'status': 'running'" in str(failed.value)

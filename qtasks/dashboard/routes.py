@@ -105,7 +105,11 @@ async def task_events(request: Request) -> Response:
     board = dashboard_of(request)
     handle = board.app.task_handle(task_id)
 
+    ended = False
+
     def to_frame(event: ResultEvent) -> bytes:
+        nonlocal ended
+        ended = ended or event.kind == "final"
         return sse.frame("event", dumps(event.to_dict()))
 
     async def body() -> Any:
@@ -113,7 +117,8 @@ async def task_events(request: Request) -> Response:
         async with sse.background(handle.events(), to_frame) as next_frame:
             async for chunk in sse.frames(next_frame, board.settings.keepalive):
                 yield chunk
-        yield sse.frame("end", b"{}")
+        if ended:  # else the read failed: the browser reconnects and reads again
+            yield sse.frame("end", b"{}")
 
     return sse.response(body())
 

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.responses import StreamingResponse
+
+log = logging.getLogger(__name__)
 
 #: Seconds between keep-alive comments on a quiet stream.
 KEEPALIVE = 15.0
@@ -59,6 +62,8 @@ async def background(source: AsyncIterator[Any], to_frame: Callable[[Any], bytes
         try:
             async for item in source:
                 queue.put_nowait(to_frame(item))
+        except Exception as exc:  # the stream ends; the browser reconnects
+            log.warning("a dashboard stream failed: %s: %s", type(exc).__name__, exc)
         finally:
             aclose = getattr(source, "aclose", None)
             if aclose is not None:
