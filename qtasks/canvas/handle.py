@@ -47,6 +47,19 @@ class WorkflowFailed(TaskFailedError):
         self.workflow, self.step, self.task = workflow, step, task
 
 
+class WorkflowTimeoutError(TaskTimeoutError):
+    """Waiting for a workflow ran out of time; it goes on. ``waiting_on`` names the
+    tasks it was waiting for."""
+
+    def __init__(self, workflow: str, timeout: float | None, waiting_on: list[Task]) -> None:
+        super().__init__(workflow, timeout)
+        names = ", ".join(f"{t.name} {t.id}" for t in waiting_on[:3]) or "its first step"
+        more = f" and {len(waiting_on) - 3} more" if len(waiting_on) > 3 else ""
+        self.args = (f"workflow {workflow} did not finish within {timeout} s (it goes on; "
+                     f"waiting for {names}{more})",)
+        self.waiting_on = waiting_on
+
+
 class WorkflowHandle:
     """A workflow as its producer (or anyone holding ``to_dict()``) sees it."""
 
@@ -72,7 +85,8 @@ class WorkflowHandle:
         """Wait for the end: the last step's ``Task`` (finished) when the workflow ends
         with a task; the list of results, in order, when it ends with a group or a
         fan-out. Raises ``WorkflowFailed`` naming the task whose failure stopped it, and
-        ``TaskTimeoutError`` (naming the workflow id) when ``timeout`` runs out."""
+        ``WorkflowTimeoutError`` (a ``TaskTimeoutError`` naming the workflow and the
+        tasks it waited for) when ``timeout`` runs out; the workflow goes on."""
         timer = asyncio.timeout(timeout)
         try:
             async with timer:
@@ -80,7 +94,8 @@ class WorkflowHandle:
         except TimeoutError:
             if not timer.expired():
                 raise
-            raise TaskTimeoutError(self.id, timeout) from None
+            waiting = [t for t in self.tasks.values() if not t.status.finished]
+            raise WorkflowTimeoutError(self.id, timeout, waiting) from None
 
     async def result(self, timeout: float | None = None) -> Any:
         """The workflow's result: the last task's ``returning``, or the list of a final
