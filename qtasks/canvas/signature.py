@@ -248,7 +248,7 @@ def chain(*steps: Canvas) -> Chain:
 
 def group(*members: Signature | Iterable[Signature]) -> Group:
     """``group(process.s(f) for f in files)`` or ``group(a.s(), b.s())``."""
-    if len(members) == 1 and not isinstance(members[0], Signature):
+    if len(members) == 1 and not isinstance(members[0], Canvas):
         return Group(members[0])
     return Group(members)  # type: ignore[arg-type]
 
