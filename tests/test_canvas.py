@@ -5,9 +5,12 @@ backend is the contract's (``tests/contract/workflows.py``)."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,6 +37,8 @@ from qtasks.canvas.wire import (
 )
 from qtasks.protocol import uuid7
 from tests.contract.support import DEADLINE, kept_dead_letters, running_worker
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -228,6 +233,16 @@ async def test_a_workflow_header_that_cannot_be_read_is_dead_lettered(app: Queue
         (letter,) = await kept_dead_letters(app, 1)
         assert (await app.add_task("add", 1, 1, timeout=DEADLINE)).returning == 2
     assert letter.reason.startswith(f"undecodable: {FLOW_HEADER} header")
+
+
+def test_the_file_pipeline_example_runs(tmp_path: Path) -> None:
+    """``python -m examples.pipeline FILE``: 200 lines of three words, 40 lines a chunk."""
+    text = tmp_path / "words.txt"
+    text.write_text("alpha beta gamma\n" * 200)
+    done = subprocess.run([sys.executable, "-m", "examples.pipeline", str(text)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=True)
+    assert f"{text}: 600 words in 5 chunks;" in done.stdout
+    assert done.stdout.count("read chunk") == 5
 
 
 async def test_a_workflow_without_an_app_says_how_to_give_one() -> None:
