@@ -306,6 +306,20 @@ class ResultStore(abc.ABC):
         """The newest ``status`` or ``final`` event of a task, or None if there is none
         (unknown id, not started yet, or expired)."""
 
+    async def history(self, task_id: str) -> list[ResultEvent] | None:
+        """Every event of a task stored up to now, in the log's order, as one finite read;
+        None from a store that reads no faster so than with ``watch`` (which a caller
+        then uses). A workflow's claim reads it (``qtasks.canvas.claims``)."""
+        return None
+
+    async def get_many(self, task_ids: Sequence[str]) -> dict[str, ResultEvent]:
+        """``get`` of several tasks (those with no event are left out): what a workflow's
+        join reads of its members. A store that reads tasks back from one log overrides
+        it to read them all in one pass."""
+        events = await asyncio.gather(*(self.get(task_id) for task_id in task_ids))
+        return {task_id: event for task_id, event in zip(task_ids, events, strict=True)
+                if event is not None}
+
     @abc.abstractmethod
     def watch(self, task_id: str) -> AsyncIterator[ResultEvent]:
         """Every event of one task, from its first, then live, ending after its ``final``.

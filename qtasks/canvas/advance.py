@@ -79,51 +79,71 @@ class Continuations:
                   ", ".join(m.id for m in messages))
 
     async def _group(self, flow: Flow, final: ResultEvent) -> tuple[list[Any], int] | None:
-        """The group's results once every member succeeded; None while one has not.
-        Siblings are read starting after this member: those are the likeliest to be
-        still running, so an early finisher stops at its first read."""
+        """The group's results once every member succeeded; None while one has not."""
         assert flow.member is not None
         index, size = flow.member
-        finals = {index: final}
-        for other in ((index + k) % size for k in range(1, size)):
-            event = await self.store.get(derive_id(flow.workflow, step_path(flow.step, other),
-                                                   flow.ms))
-            if not _succeeded(event):
-                return None
-            assert event is not None
-            finals[other] = event
-        ordered = [finals[i] for i in range(size)]
+        others = [(index + k) % size for k in range(1, size)]
+        finals = await self._finals([derive_id(flow.workflow, step_path(flow.step, other),
+                                               flow.ms) for other in others])
+        if finals is None:
+            return None
+        by_index = {index: final, **dict(zip(others, finals, strict=True))}
+        ordered = [by_index[i] for i in range(size)]
         return ([f.returning for f in ordered],
                 max(ms_of(f.created_at, flow.ms) for f in ordered))
+
+    async def _finals(self, ids: list[str],
+                      known: dict[str, ResultEvent] | None = None) -> list[ResultEvent] | None:
+        """The finals of ``ids``, in order, if every one succeeded, else None. The first
+        is read alone (unless ``known`` has it): the siblings are listed from the one
+        after the caller, which for an early finisher likely still runs, so that most
+        checks stop after one read; the rest are read at once (``ResultStore.get_many``,
+        one pass of the log)."""
+        if not ids:
+            return []
+        first = (known or {}).get(ids[0]) or await self.store.get(ids[0])
+        if not _succeeded(first):
+            return None
+        assert first is not None
+        found = await self.store.get_many(ids[1:]) if len(ids) > 1 else {}
+        rest = [found.get(task_id) for task_id in ids[1:]]
+        if not all(_succeeded(event) for event in rest):
+            return None
+        return [first, *(event for event in rest if event is not None)]
 
     async def _fan_out(self, flow: Flow, task_id: str,
                        final: ResultEvent) -> tuple[list[Any], int] | None:
         """The items' results, in yield order, once the generator succeeded and every
         item its last attempt started did; None while one has not. Called by the
         generator (``flow.each``) and by each item (``flow.item``)."""
+        known: dict[str, ResultEvent] = {}
         if flow.item is not None:
             assert flow.gen is not None
             attempt, mine = flow.item
             gen_id, index = flow.gen, flow.step
-            gen = await self.store.get(gen_id)
+            item_ms = id_ms(gen_id)
+
+            def item_id(seq: int) -> str:
+                return derive_id(flow.workflow, step_path(index, attempt, seq), item_ms)
+
+            # The generator and the item after this one (the next, or the first) at once.
+            known = await self.store.get_many([gen_id, item_id(mine + 1), item_id(0)])
+            gen = known.get(gen_id)
             if not _succeeded(gen) or gen is None or gen.attempt != attempt:
                 return None  # the generator still runs (it joins when it ends) or failed
         else:
             gen, gen_id, index, mine = final, task_id, flow.step + 1, -1
         count, item_ms = gen.partials, id_ms(gen_id)
-        finals: dict[int, ResultEvent] = {}
+        seqs = [(mine + k) % count for k in range(1, count + 1) if (mine + k) % count != mine]
+        finals = await self._finals([derive_id(flow.workflow,
+                                               step_path(index, gen.attempt, seq), item_ms)
+                                     for seq in seqs], known)
+        if finals is None:
+            return None
+        by_seq = dict(zip(seqs, finals, strict=True))
         if mine >= 0:
-            finals[mine] = final
-        for seq in ((mine + k) % count for k in range(1, count + 1)):
-            if seq in finals:
-                continue
-            event = await self.store.get(derive_id(
-                flow.workflow, step_path(index, gen.attempt, seq), item_ms))
-            if not _succeeded(event):
-                return None
-            assert event is not None
-            finals[seq] = event
-        ordered = [finals[seq] for seq in range(count)]
+            by_seq[mine] = final
+        ordered = [by_seq[seq] for seq in range(count)]
         last = max([ms_of(gen.created_at, flow.ms)]
                    + [ms_of(f.created_at, flow.ms) for f in ordered])
         return [f.returning for f in ordered], last

@@ -9,13 +9,13 @@ publisher.py and finals.py. This facade holds the parts and their one connection
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any
 
 from qtasks.brokers.rabbitmq.connection import AmqpConnection, Background, OnAmqpConnection
 from qtasks.brokers.rabbitmq.settings import AmqpSettings
 from qtasks.interfaces import ResultStore
-from qtasks.protocol import ResultEvent
+from qtasks.protocol import ResultEvent, uuid7_time
 from qtasks.results.rabbitmq import listener
 from qtasks.results.rabbitmq.inbox import ResultInbox
 from qtasks.results.rabbitmq.publisher import ResultPublisher
@@ -73,6 +73,29 @@ class RabbitMQResultStore(OnAmqpConnection, ResultStore):
         async for event in self.replay.task(task_id):
             if event.kind != "partial":
                 latest = event
+        return latest
+
+    async def history(self, task_id: str) -> list[ResultEvent]:
+        """The stream alone, up to a probe: no binding of the inbox (a binding is a
+        write on the broker, slower than the read)."""
+        await self.connection.start()
+        return [event async for event in self.replay.task(task_id)]
+
+    async def get_many(self, task_ids: Sequence[str]) -> dict[str, ResultEvent]:
+        """One read of the stream for all of them (a read costs its stretch of the
+        stream, whatever the number of tasks), from the earliest of their ids' times."""
+        await self.connection.start()
+        latest = {task_id: final for task_id in task_ids
+                  if (final := self.inbox.final_of(task_id)) is not None}
+        rest = set(task_ids) - set(latest)
+        if rest:
+            times = [uuid7_time(task_id) for task_id in rest]
+            start = None if None in times else min(t for t in times if t is not None)
+            async for event in self.replay.retrying(
+                    rest, None if start is None else start - self.settings.stream_margin,
+                    f"reading results of {len(rest)} tasks"):
+                if event.kind != "partial":
+                    latest[event.id] = event
         return latest
 
     async def listen(self, task_name: str) -> AsyncIterator[ResultEvent]:
