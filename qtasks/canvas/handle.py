@@ -14,8 +14,17 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from qtasks.canvas.wire import Step, derive_id, id_ms, is_each, is_group, ms_of, step_path
-from qtasks.errors import TaskFailedError, TaskTimeoutError
+from qtasks.canvas.wire import (
+    Step,
+    check_step,
+    derive_id,
+    id_ms,
+    is_each,
+    is_group,
+    ms_of,
+    step_path,
+)
+from qtasks.errors import OptionError, TaskFailedError, TaskTimeoutError
 from qtasks.protocol import ResultEvent
 from qtasks.schema import TaskStatus
 from qtasks.task import Restarted, Task
@@ -79,6 +88,15 @@ class WorkflowHandle:
 
     @classmethod
     def from_dict(cls, runtime: Runtime, data: dict[str, Any]) -> WorkflowHandle:
+        """The inverse of ``to_dict`` (``app.workflow_handle(data)``)."""
+        if not isinstance(data.get("id"), str) or not isinstance(data.get("plan"), list) \
+                or not data["plan"]:
+            raise OptionError(f"not a workflow handle's to_dict(): {data!r:.80}")
+        try:
+            for step in data["plan"]:
+                check_step(step)
+        except ValueError as exc:
+            raise OptionError(f"workflow {data['id']}: {exc}") from None
         return cls(runtime, data["id"], data["plan"])
 
     async def wait(self, timeout: float | None = None) -> Any:

@@ -13,13 +13,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
+from qtasks.canvas.handle import WorkflowHandle
 from qtasks.canvas.launch import WorkflowApp, start_workflow
 from qtasks.canvas.wire import Step
 from qtasks.errors import ConfigurationError, OptionError
 from qtasks.options import SendOptions, check_arguments
 
 if TYPE_CHECKING:
-    from qtasks.canvas.handle import WorkflowHandle
     from qtasks.runtime import Runtime
     from qtasks.task import Task
 
@@ -294,3 +294,7 @@ class AppSignatures:
                   kwargs: Mapping[str, Any] | None = None, **options: Any) -> Signature:
         return Signature(task_name, tuple(args), dict(kwargs or {}), options,
                          bound=self)  # type: ignore[arg-type]
+
+    def workflow_handle(self, data: Mapping[str, Any]) -> WorkflowHandle:
+        """A handle on a workflow another process started, from its ``to_dict()``."""
+        return WorkflowHandle.from_dict(cast(WorkflowApp, self).runtime, dict(data))

@@ -9,7 +9,6 @@ import time
 import pytest
 
 from qtasks import Part, Restarted, TaskMessage, TaskStatus, WorkflowFailed, chain, chord, group
-from qtasks.canvas.handle import WorkflowHandle
 from qtasks.canvas.wire import FLOW_HEADER, Flow, derive_id, id_ms, new_claim, step_path
 from qtasks.protocol import uuid7
 from tests.contract.support import DEADLINE, Backend, redeliver_with_final, running_worker
@@ -184,7 +183,7 @@ class WorkflowsContract:
         saved = handle.to_dict()
         await producer.close()  # before any worker took a step
         async with running_worker(worker_app):
-            later = WorkflowHandle.from_dict(reader.runtime, saved)
+            later = reader.workflow_handle(saved)
             assert await later.result(DEADLINE) == 3
 
     async def test_a_redelivered_step_whose_final_is_stored_starts_what_follows(
