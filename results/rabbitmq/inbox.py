@@ -26,6 +26,7 @@ from qtasks.brokers.rabbitmq.connection import AmqpConnection, Background, quiet
 from qtasks.brokers.rabbitmq.settings import topic_word
 from qtasks.protocol import PartialOrder, ResultEvent, read_results
 from qtasks.results.rabbitmq.buffer import TaskBuffer
+from qtasks.results.rabbitmq.reads import SharedReads
 from qtasks.results.rabbitmq.replay import ReplayAbandoned, ReplayReader
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class ResultInbox:
         self.settings = connection.settings
         self.name = self.settings.private_queue("reply")
         self._replay = replay
+        #: Replays of the tasks watched, shared with those asked at the same time.
+        self.reads = SharedReads(replay, self.settings.stream_margin)
         self._background = background
         self._buffers: dict[str, TaskBuffer] = {}
         self._queue: AbstractQueue | None = None
@@ -152,7 +155,7 @@ class ResultInbox:
             if not (buffer.complete and buffer.first == 0):
                 # Not submitted here (or trimmed): the stream has the events up to now,
                 # the buffer (bound before the replay began) everything after.
-                async for event in self._replay.task(task_id):
+                for event in await self.reads.read([task_id]):
                     if order.take(event):
                         if event.kind == "final":
                             self._discard(task_id, buffer)

@@ -15,7 +15,7 @@ from typing import Any
 from qtasks.brokers.rabbitmq.connection import AmqpConnection, Background, OnAmqpConnection
 from qtasks.brokers.rabbitmq.settings import AmqpSettings
 from qtasks.interfaces import ResultStore
-from qtasks.protocol import ResultEvent, uuid7_time
+from qtasks.protocol import ResultEvent
 from qtasks.results.rabbitmq import listener
 from qtasks.results.rabbitmq.inbox import ResultInbox
 from qtasks.results.rabbitmq.publisher import ResultPublisher
@@ -36,6 +36,7 @@ class RabbitMQResultStore(OnAmqpConnection, ResultStore):
                                          StreamGate(self.connection, self._background))
         self.replay = ReplayReader(self.connection, self.publisher.probe)
         self.inbox = ResultInbox(self.connection, self.replay, self._background)
+        self.reads = self.inbox.reads  # every finite read of the stream, shared
 
     def __repr__(self) -> str:
         return f"<RabbitMQResultStore {self.url} prefix={self.settings.prefix}>"
@@ -49,6 +50,7 @@ class RabbitMQResultStore(OnAmqpConnection, ResultStore):
         """Send gathered partials, wait (up to ``publish_timeout``) for pipelined
         publishes, then disconnect."""
         await self.publisher.drain()
+        self.reads.close()
         self.inbox.close()
         self._background.cancel()
         await self.connection.close()
@@ -70,7 +72,7 @@ class RabbitMQResultStore(OnAmqpConnection, ResultStore):
         if final is not None:
             return final
         latest: ResultEvent | None = None
-        async for event in self.replay.task(task_id):
+        for event in await self.reads.read([task_id]):
             if event.kind != "partial":
                 latest = event
         return latest
@@ -79,23 +81,18 @@ class RabbitMQResultStore(OnAmqpConnection, ResultStore):
         """The stream alone, up to a probe: no binding of the inbox (a binding is a
         write on the broker, slower than the read)."""
         await self.connection.start()
-        return [event async for event in self.replay.task(task_id)]
+        return await self.reads.read([task_id])
 
     async def get_many(self, task_ids: Sequence[str]) -> dict[str, ResultEvent]:
         """One read of the stream for all of them (a read costs its stretch of the
-        stream, whatever the number of tasks), from the earliest of their ids' times."""
+        stream, whatever the number of tasks)."""
         await self.connection.start()
         latest = {task_id: final for task_id in task_ids
                   if (final := self.inbox.final_of(task_id)) is not None}
         rest = set(task_ids) - set(latest)
-        if rest:
-            times = [uuid7_time(task_id) for task_id in rest]
-            start = None if None in times else min(t for t in times if t is not None)
-            async for event in self.replay.retrying(
-                    rest, None if start is None else start - self.settings.stream_margin,
-                    f"reading results of {len(rest)} tasks"):
-                if event.kind != "partial":
-                    latest[event.id] = event
+        for event in await self.reads.read(rest) if rest else []:
+            if event.kind != "partial":
+                latest[event.id] = event
         return latest
 
     async def listen(self, task_name: str) -> AsyncIterator[ResultEvent]:
