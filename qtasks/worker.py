@@ -257,9 +257,11 @@ class Worker:
         key = (message.id, message.attempt)
         lease = self._leases.get(key)
         if lease is not None and await lease.join(delivery):
-            log.warning("task %s %s was delivered again while it is handled here (its "
-                        "lease was lost: a channel or connection closed, or it was published "
-                        "twice); the run goes on and settles both", message.task, message.id)
+            # A workflow's continuation comes in copies by design (qtasks.canvas.claims).
+            (log.info if FLOW_HEADER in message.headers else log.warning)(
+                "task %s %s was delivered again while it is handled here (its lease was "
+                "lost: a channel or connection closed, or it was published twice); the run "
+                "goes on and settles both", message.task, message.id)
             return
         # Held from here, before any await: a copy arriving meanwhile joins this handling.
         lease = self._leases[key] = Lease(delivery)
