@@ -21,6 +21,7 @@ from qtasks import (
     QueueTasks,
     Signature,
     TaskMessage,
+    WorkflowFailed,
     chain,
     chord,
     group,
@@ -165,7 +166,8 @@ def test_the_flow_header_round_trips_and_bad_ones_are_named() -> None:
     for bad in ["{nope", "[]", '{"v": 2}', '{"v": 1, "wf": "w", "step": "1", "t": 0, "rest": []}',
                 '{"v": 1, "wf": "w", "step": 1, "t": 0, "rest": [{"task": 3}]}',
                 '{"v": 1, "wf": "w", "step": 1, "t": 0, "rest": [], "item": [1, 2]}',
-                '{"v": 1, "wf": "w", "step": 1, "t": 0, "rest": [{"group": []}]}']:
+                '{"v": 1, "wf": "w", "step": 1, "t": 0, "rest": [{"group": []}]}',
+                '{"v": 1, "wf": "w", "step": 1, "t": 0, "rest": [{"each": {"task": "t"}}]}']:
         with pytest.raises(MessageDecodeError, match=FLOW_HEADER):
             Flow.from_header(bad)
 
@@ -243,6 +245,33 @@ def test_the_file_pipeline_example_runs(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60, check=True)
     assert f"{text}: 600 words in 5 chunks;" in done.stdout
     assert done.stdout.count("read chunk") == 5
+
+
+async def test_a_continuation_that_cannot_be_sent_fails_the_workflow_once() -> None:
+    """The step after one whose result is too large for a task message ends in error
+    (the handle says why) instead of its predecessor being redelivered for ever."""
+    app = QueueTasks(broker=f"memory://{uuid.uuid4().hex}", embedded_worker=False,
+                     max_message_size=2000)
+
+    @app.task
+    async def big() -> str:
+        return "x" * 5000
+
+    @app.task
+    async def size(text: str) -> int:
+        return len(text)
+
+    try:
+        async with running_worker(app) as worker:
+            handle = await (big.s() | size.s()).add_task()
+            with pytest.raises(WorkflowFailed) as failed:
+                await handle.wait(DEADLINE)
+            assert (await app.add_task("big", timeout=DEADLINE)).returning == "x" * 5000
+        assert failed.value.step == 1 and failed.value.task.error is not None
+        assert failed.value.task.error.type == "MessageTooLargeError"
+        assert worker.processed == 2  # the first step settled once
+    finally:
+        await app.close()
 
 
 async def test_a_workflow_without_an_app_says_how_to_give_one() -> None:

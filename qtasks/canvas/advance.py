@@ -34,7 +34,9 @@ from qtasks.canvas.wire import (
     new_claim,
     step_path,
 )
-from qtasks.protocol import ResultEvent, TaskMessage
+from qtasks.errors import MessageEncodeError, MessageTooLargeError
+from qtasks.protocol import ResultEvent, TaskMessage, encode
+from qtasks.running import error_info
 
 if TYPE_CHECKING:
     from qtasks.runtime import Runtime
@@ -74,9 +76,25 @@ class Continuations:
         """Publish the unit after ``flow``'s, with ``value`` as its first argument."""
         messages = unit_messages(flow.workflow, flow.next_step, flow.rest, (value,), ms,
                                  claim=True, default_queue=self.runtime.default_queue)
-        await asyncio.gather(*(self.runtime.publish(m) for m in messages))
+        await asyncio.gather(*(self._publish(m) for m in messages))
         log.debug("workflow %s: started step %d (%s)", flow.workflow, flow.next_step,
                   ", ".join(m.id for m in messages))
+
+    async def _publish(self, message: TaskMessage) -> None:
+        """Publish a continuation; one that can never be published (a value too large
+        for a task message, or not JSON) ends as an ``error`` final of its own id, which
+        the workflow's handle reports, rather than be retried for ever. A broker that is
+        down raises: the step's message goes back, and its redelivery tries again."""
+        try:
+            await self.runtime.publish(message)
+        except (MessageEncodeError, MessageTooLargeError) as exc:
+            log.error("workflow task %s %s cannot be started: %s", message.task, message.id,
+                      exc)
+            now = time.time()
+            final = ResultEvent(kind="final", id=message.id, task=message.task,
+                                status="error", error=error_info(exc), ts=now,
+                                finished_at=now, created_at=message.created_at)
+            await self.store.publish(final, encode(final))
 
     async def _group(self, flow: Flow, final: ResultEvent) -> tuple[list[Any], int] | None:
         """The group's results once every member succeeded; None while one has not."""

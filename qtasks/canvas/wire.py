@@ -129,8 +129,10 @@ class Flow:
         if flow.item is not None and not isinstance(flow.gen, str):
             raise MessageDecodeError(f"{FLOW_HEADER} header: an item needs 'gen'")
         try:
-            for step in flow.rest:
+            for index, step in enumerate(flow.rest):
                 check_step(step)
+                if is_each(step) and (index == 0 or not _is_task(flow.rest[index - 1])):
+                    raise ValueError("an 'each' step must follow a task step")
             if flow.each is not None:
                 check_step(flow.each, task_only=True)
         except ValueError as exc:
@@ -213,6 +215,10 @@ def check_step(step: Any, task_only: bool = False) -> None:
             raise ValueError(f"step {step['task']!r}: option {name!r} has the wrong type")
     if not all(isinstance(v, str) for v in (options.get("headers") or {}).values()):
         raise ValueError(f"step {step['task']!r}: headers must be strings")
+
+
+def _is_task(step: Step) -> bool:
+    return not is_group(step) and not is_each(step)
 
 
 def is_group(step: Step) -> bool:
