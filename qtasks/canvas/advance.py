@@ -63,13 +63,15 @@ class Continuations:
         if header is None or final.status != SUCCESS:
             return  # not a workflow's task, or the workflow stops here
         flow = Flow.from_header(header)
+        if not flow.rest:
+            return  # the last step: its handle gathers the results, nobody else needs them
         if flow.member is not None:
             joined = await self._group(flow, final)
         elif flow.item is not None or flow.each is not None:
             joined = await self._fan_out(flow, message.id, final)
         else:
             joined = final.returning, ms_of(final.created_at, flow.ms)
-        if joined is not None and flow.rest:
+        if joined is not None:
             await self.start(flow, *joined)
 
     async def start(self, flow: Flow, value: Any, ms: int) -> None:

@@ -2,7 +2,7 @@
 
 The handle holds the plan and the workflow id, nothing a worker needs. It computes each
 step's task ids as the workers do (``qtasks.canvas.wire``) from the finals of the steps
-before, and follows every task with the ``Task`` handle (``wait``, ``stream``) over the
+before, and follows every task with the ``Task`` handle (its de-duplicated events) over the
 result store, so it works from any process and after the producer that started the
 workflow has gone (``QueueTasks.workflow_handle``).
 """
