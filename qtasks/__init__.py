@@ -1,6 +1,6 @@
 """QTasks: an asyncio-first, broker-agnostic task queue that streams every ``yield``."""
 
-from qtasks.app import QueueTasks, TaskFunction
+from qtasks.app import QueueTasks
 from qtasks.canvas import (
     Part,
     Signature,
@@ -32,6 +32,7 @@ from qtasks.middleware import DeadLettered, Middleware, Outcome, WorkerInfo
 from qtasks.protocol import ErrorInfo, ResultEvent, TaskMessage
 from qtasks.schema import RetryPolicy, TaskExecSchema, TaskStatus
 from qtasks.task import Restarted, Task
+from qtasks.task_function import TaskFunction
 from qtasks.worker import Worker
 
 __all__ = [

@@ -1,5 +1,4 @@
-"""``QueueTasks``: the application object a producer, a worker and a listener all share,
-and ``TaskFunction``, what ``@app.task`` puts in place of a function."""
+"""``QueueTasks``: the application object a producer, a worker and a listener all share."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ from datetime import tzinfo
 from types import TracebackType
 from typing import Any, overload
 
-from qtasks.canvas.signature import AppSignatures, TaskSignatures
+from qtasks.canvas.signature import AppSignatures
 from qtasks.errors import ConfigurationError, OptionError
 from qtasks.executors import BaseTaskExecutor
 from qtasks.interfaces import Broker, ResultStore, close_iterator
@@ -27,6 +26,7 @@ from qtasks.schema import ExecutorClass, RetryPolicy, TaskExecSchema, TaskStatus
 from qtasks.signing import Signer
 from qtasks.sync import SyncApp
 from qtasks.task import Task
+from qtasks.task_function import TaskFunction
 from qtasks.worker import Worker
 from qtasks.workers import PING_WAIT, LiveWorker, WorkersChange, live_workers, watch_workers
 
@@ -380,41 +380,3 @@ class QueueTasks(AppSignatures):
     def __repr__(self) -> str:
         broker = redact(self.broker.url) if self.broker.url else type(self.broker).__name__
         return f"<QueueTasks broker={broker} tasks={len(self.registry)}>"
-
-
-class TaskFunction(TaskSignatures):
-    """The object ``@app.task`` puts in place of the function.
-
-    Calling it runs the function here, as if undecorated; ``add_task`` runs it on a worker.
-    """
-
-    def __init__(self, app: QueueTasks, schema: TaskExecSchema) -> None:
-        self.app = app
-        self.schema = schema
-        self.__name__ = schema.name
-        self.__doc__ = schema.func.__doc__
-        self.__wrapped__ = schema.func
-
-    @property
-    def name(self) -> str:
-        return self.schema.name
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.schema.func(*args, **kwargs)
-
-    async def add_task(self, *args: Any, timeout: float | None = None,
-                       priority: int | None = None, delay: float | None = None,
-                       task_id: str | None = None, **kwargs: Any) -> Task:
-        """Enqueue a run; see ``QueueTasks.add_task``."""
-        return await self.app.add_task(self.schema.name, *args, timeout=timeout,
-                                       priority=priority, delay=delay, task_id=task_id,
-                                       **kwargs)
-
-    async def apply_async(self, args: Sequence[Any] = (),
-                          kwargs: Mapping[str, Any] | None = None, **options: Any) -> Task:
-        """Enqueue a run with the arguments apart from the options (Celery's shape); see
-        ``QueueTasks.send_task``."""
-        return await self.app.send_task(self.schema.name, args, kwargs, **options)
-
-    def __repr__(self) -> str:
-        return f"<TaskFunction {self.schema.name}>"
