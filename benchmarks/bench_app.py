@@ -25,8 +25,10 @@ from qtasks import Middleware, QueueTasks
 
 
 def observing() -> list[Middleware]:
-    """The middleware ``BENCH_OBSERVE=1`` turns on (none otherwise)."""
-    if os.environ.get("BENCH_OBSERVE", "0") in ("", "0"):
+    """The middleware ``BENCH_OBSERVE=1`` turns on (none otherwise); ``metrics`` or
+    ``tracing`` turns on only that one, ``tracing=0.1`` samples one trace in ten."""
+    observe = os.environ.get("BENCH_OBSERVE", "0")
+    if observe in ("", "0"):
         return []
     from collections.abc import Sequence
 
@@ -44,9 +46,17 @@ def observing() -> list[Middleware]:
         def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
             return SpanExportResult.SUCCESS
 
-    provider = TracerProvider()
-    provider.add_span_processor(BatchSpanProcessor(Dropped()))
-    return [PrometheusMiddleware(), TracingMiddleware(tracer_provider=provider)]
+    chosen: list[Middleware] = []
+    if observe in ("1", "metrics"):
+        chosen.append(PrometheusMiddleware())
+    if observe == "1" or observe.startswith("tracing"):
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+        ratio = float(observe.partition("=")[2] or 1.0)
+        provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
+        provider.add_span_processor(BatchSpanProcessor(Dropped()))
+        chosen.append(TracingMiddleware(tracer_provider=provider))
+    return chosen
 
 
 app = QueueTasks(embedded_worker=False if os.environ.get("BENCH_EMBEDDED_WORKER") == "0"
