@@ -145,7 +145,7 @@ async def stream(n: int, timeout: float, latency: bool, rate: float) -> dict[str
             async for value in task.stream():
                 now = time.time()
                 stamps.append(now)
-                lags.append(now - value)
+                lags.append(now - value if latency else bench.ticks_lag(now, value))
             await task.wait()
             t_final = time.time()
     finally:
