@@ -289,12 +289,9 @@ class Connection:
                                      transient=is_forming)
                     return
                 except nats.js.errors.BadRequestError as exc:
-                    # 10058: the name is in use with another config. 10065: the subjects
-                    # overlap, which the server also answers while another process is
-                    # creating this very stream; either way it is ours to bring to
-                    # ``config`` if it exists by name. A stream being created may not
-                    # answer yet (a cluster assigns it first): asked again before it is
-                    # taken for a foreign one.
+                    # 10058: name in use with another config; 10065: subjects overlap (also
+                    # answered while another process creates this very stream). Ours to
+                    # update if it exists by name; asked again before taken for foreign.
                     if exc.err_code not in (10058, 10065):
                         raise
                     if await self.retry(f"look up stream {config.name}",
@@ -320,10 +317,9 @@ class Connection:
 
     async def _exists(self, config: StreamConfig) -> bool:
         try:
-            await self.js.stream_info(config.name or "")
+            return bool(await self.js.stream_info(config.name or ""))
         except nats.js.errors.NotFoundError:
             return False
-        return True
 
     async def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
@@ -398,8 +394,7 @@ class Connection:
 
 async def _close_quietly(nc: Client) -> None:
     try:
-        if not nc.is_closed:
-            await nc.close()
+        await (nc.close() if not nc.is_closed else asyncio.sleep(0))
     except Exception as exc:  # closing a half-open client: nothing left to save
         log.debug("closing NATS client: %s", exc)
 
