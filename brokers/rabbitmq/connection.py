@@ -272,7 +272,12 @@ class AmqpConnection:
         self.up = asyncio.Event()
         #: How often the connection was re-established (for logs, metrics and tests).
         self.reconnects = 0
+        #: When it was last lost, re-established or a publish nacked (``confirms``).
+        self.disturbed_at = -1e9
         self._lock = asyncio.Lock()
+
+    def disturbed(self) -> None:
+        self.disturbed_at = time.monotonic()
 
     async def start(self) -> None:
         if self.robust is not None:
@@ -332,11 +337,13 @@ class AmqpConnection:
 
     def _on_lost(self, _connection: object, _exc: BaseException | None) -> None:
         self.up.clear()
+        self.disturbed()
         for listener in self.loss_listeners:
             listener()
 
     def _on_reconnect(self, _connection: object) -> None:
         self.reconnects += 1
+        self.disturbed()
         self.up.set()
         log.info("reconnected to %s as %r (%d reconnects)", self.settings.display_url,
                  self.name, self.reconnects)

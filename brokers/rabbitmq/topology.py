@@ -28,12 +28,8 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aio_pika.exceptions import PublishError
 from aiormq import spec
 
-from qtasks.brokers.rabbitmq.connection import (
-    AmqpConnection,
-    declaring,
-    retrying,
-    send,
-)
+from qtasks.brokers.rabbitmq.confirms import ConfirmChannel
+from qtasks.brokers.rabbitmq.connection import AmqpConnection, declaring, retrying
 from qtasks.brokers.rabbitmq.settings import (
     DELAY_QUEUE_IDLE_MS,
     DELAY_REDECLARE_S,
@@ -78,7 +74,7 @@ class TaskPublisher:
         self.connection = connection
         self.settings = connection.settings
         self.supports_priority = supports_priority
-        self._publisher: AbstractRobustChannel | None = None
+        self._publisher = ConfirmChannel(connection, "RabbitMQ broker", on_return_raises=True)
         self._admin: AbstractRobustChannel | None = None
         self._declared: set[str] = set()
         self._delay_declared: dict[str, float] = {}
@@ -90,14 +86,14 @@ class TaskPublisher:
     async def _open(self, connection: AbstractRobustConnection) -> None:
         settings = self.settings
         # Returns raise PublishError: an unroutable task is an error, not lost.
-        publisher = await connection.channel(on_return_raises=True)
+        await self._publisher.open(connection)
         admin = await connection.channel()
         await admin.declare_exchange(settings.tasks_exchange, "direct", durable=True)
         dlx = await admin.declare_exchange(settings.dead_exchange, "fanout", durable=True)
         dead = await admin.declare_queue(settings.dead_queue, durable=True,
                                          arguments=settings.dead_queue_arguments())
         await dead.bind(dlx, "")
-        self._publisher, self._admin = publisher, admin
+        self._admin = admin
 
     def forget(self) -> None:
         """Declare every queue again before its next use."""
@@ -196,17 +192,15 @@ class TaskPublisher:
             redeclare = redeclare_work_queue
 
         async def attempt() -> None:
-            channel = self._publisher
-            if channel is None:
-                raise QTasksError("RabbitMQBroker is closed")
+            publisher = self._publisher
             timeout = self.settings.publish_timeout
             try:
-                await send(channel, exchange, routing_key, body, properties, True, timeout)
+                await publisher.send(exchange, routing_key, body, properties, True, timeout)
             except PublishError:
                 if redeclare is None:
                     raise
                 await redeclare()
-                await send(channel, exchange, routing_key, body, properties, True, timeout)
+                await publisher.send(exchange, routing_key, body, properties, True, timeout)
 
         await self.connection.start()
         try:

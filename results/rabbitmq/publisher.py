@@ -18,11 +18,11 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection
 from aiormq import spec
 
-from qtasks.brokers.rabbitmq.connection import AmqpConnection, retrying, send
-from qtasks.errors import QTasksError
+from qtasks.brokers.rabbitmq.confirms import ConfirmChannel
+from qtasks.brokers.rabbitmq.connection import AmqpConnection, retrying
 from qtasks.protocol import ResultEvent, encode_batch
 from qtasks.results.rabbitmq.finals import FinalsCommitter, envelope
 from qtasks.results.rabbitmq.stream_gate import StreamGate
@@ -76,7 +76,8 @@ class ResultPublisher:
         self.connection = connection
         self.settings = connection.settings
         self._gate = gate
-        self._channel: AbstractRobustChannel | None = None
+        #: Publishes here; a fresh channel when a stream leader moved (``confirms``).
+        self._out = ConfirmChannel(connection, "RabbitMQ result store")
         #: Per task: publishes awaiting their confirm, in order; those that failed.
         self._pending: dict[str, deque[_Pending]] = {}
         self._failed: dict[str, list[_Pending]] = {}
@@ -94,7 +95,7 @@ class ResultPublisher:
             settings.stream_queue, durable=True, arguments=settings.stream_arguments(),
             robust=False)
         await stream.bind(exchange, "#", robust=False)
-        self._channel = channel
+        await self._out.open(connection)
 
     async def publish(self, event: ResultEvent, body: bytes, reply_to: str | None = None) -> None:
         await self.connection.start()
@@ -156,10 +157,8 @@ class ResultPublisher:
 
     async def _send(self, body: bytes, properties: spec.Basic.Properties, key: str,
                     timeout: float | None = None) -> None:
-        if self._channel is None:
-            raise QTasksError("the RabbitMQ result store is not started")
-        await send(self._channel, self.settings.results_exchange, key, body, properties,
-                   mandatory=False, timeout=timeout)
+        await self._out.send(self.settings.results_exchange, key, body, properties,
+                             mandatory=False, timeout=timeout)
 
     def _send_with_timeout(self, body: bytes, properties: spec.Basic.Properties,
                            key: str) -> Coroutine[Any, Any, None]:
@@ -215,19 +214,17 @@ class ResultPublisher:
     async def probe(self, message_id: str) -> None:
         """Append an empty ``probe`` message to the stream queue itself (confirmed): a
         replay that reads it back has read everything published before."""
-        channel = self._channel
-        if channel is None:
-            raise QTasksError("the RabbitMQ result store is not started")
         properties = spec.Basic.Properties(message_id=message_id, message_type="probe",
                                            app_id="qtasks")
         await retrying(self.settings, "marking the end of a result replay",
-                       lambda: send(channel, "", self.settings.stream_queue, b"", properties,
-                                    mandatory=False, timeout=self.settings.publish_timeout))
+                       lambda: self._out.send("", self.settings.stream_queue, b"", properties,
+                                              mandatory=False,
+                                              timeout=self.settings.publish_timeout))
 
     async def drain(self) -> None:
         """Send gathered partials, then wait (up to ``publish_timeout``) for every
         pipelined publish; then forget them all (before closing)."""
-        if self._channel is not None:
+        if self._out.channel is not None:
             for task_id in list(self._batches):
                 self._pipeline(task_id, *self._batch_message(task_id), slotted=False)
         pending = [p.future for queue in self._pending.values() for p in queue]
