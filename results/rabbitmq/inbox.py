@@ -155,7 +155,7 @@ class ResultInbox:
             if not (buffer.complete and buffer.first == 0):
                 # Not submitted here (or trimmed): the stream has the events up to now,
                 # the buffer (bound before the replay began) everything after.
-                for event in await self.reads.read([task_id]):
+                for event in await self.reads.read([task_id], "final"):
                     if order.take(event):
                         if event.kind == "final":
                             self._discard(task_id, buffer)

@@ -14,11 +14,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Collection
 
-from qtasks.protocol import ResultEvent, uuid7_time
+from qtasks.protocol import ResultEvent
 from qtasks.results.rabbitmq.replay import ReplayReader
 
-#: Reads waiting for one pass: the tasks each wants, and where its events go.
-Batch = list[tuple[frozenset[str], asyncio.Future[list[ResultEvent]]]]
+#: Reads waiting for one pass: the tasks each wants, where its events go, and its mode.
+Batch = list[tuple[frozenset[str], asyncio.Future[list[ResultEvent]], str]]
 
 
 class SharedReads:
@@ -31,10 +31,12 @@ class SharedReads:
         self._serving: Batch = []
         self._pass: asyncio.Task[None] | None = None
 
-    async def read(self, task_ids: Collection[str]) -> list[ResultEvent]:
-        """Every stored event of ``task_ids``, in the stream's order."""
+    async def read(self, task_ids: Collection[str], mode: str = "all") -> list[ResultEvent]:
+        """Every stored event of ``task_ids``, in the stream's order (``mode`` ``all``);
+        up to their finals (``final``); or only what ``get`` needs (``latest``: the read
+        may pass over what the stream index already knows, see replay.start_for)."""
         future: asyncio.Future[list[ResultEvent]] = asyncio.get_running_loop().create_future()
-        self._waiting.append((frozenset(task_ids), future))
+        self._waiting.append((frozenset(task_ids), future, mode))
         if self._pass is None or self._pass.done():
             self._pass = asyncio.create_task(self._serve(), name="qtasks-result-reads")
         return await future
@@ -45,24 +47,28 @@ class SharedReads:
                 self._serving, self._waiting = self._waiting, []
                 await self._one_pass(self._serving)
         finally:  # cancelled (the store closes): no caller is left waiting for ever
-            for _, future in self._serving:
+            for _, future, _ in self._serving:
                 if not future.done():
                     future.cancel()
 
     async def _one_pass(self, batch: Batch) -> None:
-        wanted = frozenset().union(*(ids for ids, _ in batch))
-        times = [uuid7_time(task_id) for task_id in wanted]
-        start = None if None in times else min(t for t in times if t is not None)
+        wanted = frozenset().union(*(ids for ids, _, _ in batch))
+        modes = {mode for _, _, mode in batch}
+        mode = next(iter(modes)) if len(modes) == 1 else "all" if "all" in modes else "final"
         try:
             events = [event async for event in self.replay.retrying(
-                set(wanted), None if start is None else start - self.margin,
-                f"reading results of {len(wanted)} tasks")]
+                set(wanted), self.replay.start_for(set(wanted), mode),
+                f"reading results of {len(wanted)} tasks",
+                until_finals=None if mode == "all" else set(wanted),
+                # Only a success ends ``get``'s read early: an error may be followed by
+                # another run (a dead letter requeued), whose outcome ``get`` reports.
+                success_only=mode == "latest")]
         except Exception as exc:
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for ids, future in batch:
+        for ids, future, _ in batch:
             if not future.done():  # its caller may have given up
                 future.set_result([event for event in events if event.id in ids])
 
@@ -70,6 +76,6 @@ class SharedReads:
         """Cancel the pass under way and every read waiting."""
         if self._pass is not None:
             self._pass.cancel()
-        for _, future in self._waiting:
+        for _, future, _ in self._waiting:
             future.cancel()
         self._waiting.clear()

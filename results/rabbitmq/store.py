@@ -68,14 +68,15 @@ class RabbitMQResultStore(OnAmqpConnection, ResultStore):
 
     async def get(self, task_id: str) -> ResultEvent | None:
         await self.connection.start()
-        final = self.inbox.final_of(task_id)
+        final = self.inbox.final_of(task_id) or await self.replay.known_final(task_id)
         if final is not None:
             return final
         latest: ResultEvent | None = None
-        for event in await self.reads.read([task_id]):
+        for event in await self.reads.read([task_id], "latest"):
             if event.kind != "partial":
                 latest = event
-        return latest
+        # Nothing newer than what the stream index knows: the latest it saw.
+        return latest or await self.replay.known_latest(task_id)
 
     async def history(self, task_id: str) -> list[ResultEvent]:
         """The stream alone, up to a probe: no binding of the inbox (a binding is a
@@ -88,11 +89,15 @@ class RabbitMQResultStore(OnAmqpConnection, ResultStore):
         stream, whatever the number of tasks)."""
         await self.connection.start()
         latest = {task_id: final for task_id in task_ids
-                  if (final := self.inbox.final_of(task_id)) is not None}
+                  if (final := self.inbox.final_of(task_id)
+                      or await self.replay.known_final(task_id)) is not None}
         rest = set(task_ids) - set(latest)
-        for event in await self.reads.read(rest) if rest else []:
+        for event in await self.reads.read(rest, "latest") if rest else []:
             if event.kind != "partial":
                 latest[event.id] = event
+        for task_id in rest - set(latest):
+            if (status := await self.replay.known_latest(task_id)) is not None:
+                latest[task_id] = status
         return latest
 
     async def listen(self, task_name: str) -> AsyncIterator[ResultEvent]:
