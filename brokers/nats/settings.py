@@ -221,4 +221,5 @@ def forming_hint(exc: BaseException) -> str:
     """What a start-up error means, for the error raised once the retries are over."""
     hint = FORMING.get(getattr(exc, "err_code", None) or 0)
     return f" ({hint}: are all servers of the cluster up and routed to each other?)" \
-        if hint else " (is JetStream enabled? nats-server -js)"
+        if hint else (" (is JetStream enabled, nats-server -js? In a cluster, are most of "
+                      "its servers up, with a meta leader elected?)")

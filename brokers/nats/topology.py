@@ -13,6 +13,8 @@ Dead letters have a stream of their own (``dead_letters``).
 
 from __future__ import annotations
 
+import logging
+
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -27,6 +29,12 @@ from qtasks.brokers.nats.pubacks import EXPECTED_STREAM
 from qtasks.brokers.nats.settings import forming_hint, is_forming, token
 from qtasks.errors import BrokerUnavailableError, MessageTooLargeError
 from qtasks.protocol import TaskMessage
+
+log = logging.getLogger(__name__)
+
+#: Timeouts in a row of a consumer's creation after which the client moves to another
+#: server of its URL.
+SERVER_TIMEOUTS = 2
 
 #: Header names, part of the documented wire format.
 MSG_ID = "Nats-Msg-Id"
@@ -96,12 +104,27 @@ class Topology:
             deliver_policy=DeliverPolicy.ALL, ack_wait=self.ack_wait, max_deliver=-1,
             filter_subject=self.subject(queue), max_ack_pending=self.max_ack_pending,
             description=f"QTasks workers of queue {queue!r}")
-        js = self.conn.js
+        js, timeouts = self.conn.js, 0
+
+        async def create() -> object:
+            nonlocal timeouts
+            try:
+                return await js.add_consumer(self.stream, config)
+            except TimeoutError:
+                timeouts += 1
+                nc = self.conn.nc
+                if timeouts % SERVER_TIMEOUTS == 0 and nc.is_connected:
+                    # Its server does not answer for JetStream (measured: one frozen and
+                    # thawed stayed out of step with its cluster for minutes): another.
+                    log.warning("queue %s: the NATS server does not answer JetStream "
+                                "requests; moving to another server", queue)
+                    await nc.force_reconnect()
+                raise
+
         try:
             # A consumer of a replicated stream is placed like the stream: at start-up,
             # the cluster may not have the peers or the stream leader yet.
-            await self.conn.retry(f"create consumer {name}",
-                                  lambda: js.add_consumer(self.stream, config),
+            await self.conn.retry(f"create consumer {name}", create,
                                   timeout=self.conn.connect_timeout, transient=is_forming)
         except Exception as exc:
             if not is_forming(exc):

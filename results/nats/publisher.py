@@ -3,7 +3,8 @@ task's newest status or final into the KV bucket.
 
 Speed and durability: every event goes out as a core-NATS publish into the stream's
 subject (the stream stores it; one connection keeps their order) without waiting for a
-PubAck each. A final is first put in the KV bucket with its PubAck awaited, then
+PubAck each; with replicas (a cluster) each waits for its PubAck (``_send``). A final
+is first put in the KV bucket with its PubAck awaited, then
 published like the others, and then a flush (one PING shared by every final of that
 moment) proves the server has received all of the task's events; only then does
 ``publish`` return, and the worker acks the task. If the connection dropped since any of
@@ -63,9 +64,11 @@ class _Unconfirmed:
 class ResultPublisher:
     """Publishes the events of the tasks this process runs; see the module docstring."""
 
-    def __init__(self, conn: Connection, names: Names) -> None:
+    def __init__(self, conn: Connection, names: Names, replicated: bool = False) -> None:
         self.conn = conn
         self.names = names
+        #: Streams with replicas: every event waits for its PubAck (see ``_send``).
+        self.replicated = replicated
         self._unconfirmed: dict[str, _Unconfirmed] = {}
         #: Partials not yet handed to the client, in batches, by task id.
         self._gathered: dict[str, list[_Gathered]] = {}
@@ -115,6 +118,11 @@ class ResultPublisher:
 
     async def _send_all_gathered(self) -> None:
         while self._gathered:
+            if self.replicated:  # each task's in order, the tasks side by side
+                gathered, self._gathered = self._gathered, {}
+                await asyncio.gather(*(self._send_batches(task_id, batches)
+                                       for task_id, batches in gathered.items()))
+                continue
             task_id = next(iter(self._gathered))
             await self._send_batches(task_id, self._gathered.pop(task_id))
 
@@ -159,7 +167,18 @@ class ResultPublisher:
 
     async def _send(self, subject: str, body: bytes) -> None:
         """Core publish; while the client cannot buffer it (a long outage), wait for a
-        PubAck instead, which retries through the reconnect."""
+        PubAck instead, which retries through the reconnect.
+
+        With replicas, always a PubAck: a core publish reaches the server this process is
+        connected to, and the flush that proves it (``_confirm``) says nothing of the
+        stream's leader, on another server, which drops what comes while it is being
+        elected again (measured: a server killed under load left partials missing from
+        the stream, readers saw gaps). Awaited one by one per task, so none overtakes
+        an earlier one that failed."""
+        if self.replicated:
+            conn = self.conn
+            await conn.retry(f"publish on {subject}", lambda: conn.publish(subject, body))
+            return
         try:
             await self.conn.nc.publish(subject, body)
         except (nats.errors.OutboundBufferLimitError, nats.errors.ConnectionReconnectingError):

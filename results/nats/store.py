@@ -49,7 +49,7 @@ class NatsResultStore(ResultStore):
         self.stream, self.bucket = self.names.stream, self.names.bucket
         self.subject, self.key_subject = self.names.subject, self.names.key_subject
         self.task_subjects = self.names.task_subjects
-        self.publisher = ResultPublisher(self.conn, self.names)
+        self.publisher = ResultPublisher(self.conn, self.names, replicated=self.replicas > 1)
         # No subscription per task: a buffer costs well under 1 KB.
         self.inbox = LiveInbox(self.conn, self.names,
                                number(self.options, "expect_timeout", 300.0),
