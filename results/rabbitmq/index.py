@@ -82,7 +82,9 @@ class StreamIndex:
             else:
                 self.firsts[task_id] = -1
         if kind == "final" and status == "success":
-            self.finals.setdefault(task_id, offset)
+            # The latest: a copy that ran twice succeeds twice, with its running between.
+            if offset > self.finals.get(task_id, -1):
+                self.finals[task_id] = offset
         elif kind in ("status", "final") and offset > self.statuses.get(task_id, -1):
             self.statuses[task_id] = offset
 
