@@ -145,6 +145,17 @@ def test_compose_services_run_as_configured(broker: str, image: Path, prefix: st
         workers = [start("worker") for _ in range(2)]  # --scale worker=2
         for worker in workers:
             worker.wait_for("consuming")
+        # The workers' healthcheck, as the container runs it (``$$`` is compose's ``$``):
+        # this host's workers answer the ping, so it passes.
+        kind, check = config["worker"]["healthcheck"]["test"]
+        assert kind == "CMD-SHELL"
+        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+               "QTASKS_BROKER_URL": local(config["worker"]["environment"]["QTASKS_BROKER_URL"],
+                                          broker, local_url, prefix),
+               "QTASKS_SIGNING_KEY": key}
+        healthy = subprocess.run(["sh", "-c", check.replace("$$", "$")], env=env,
+                                 cwd=image / "app", capture_output=True, text=True, timeout=60)
+        assert healthy.returncode == 0, healthy.stdout + healthy.stderr
         listener = start("listener")
         listener.wait_for("listening to")
         producer = start("producer")

@@ -6,6 +6,7 @@ one the test skips, except in CI where ``scripts/test.sh`` installs it."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -57,6 +58,74 @@ def test_compose_file_is_valid_and_scalable(file: str, broker: str) -> None:
             f"//{broker}:" in service["environment"]["QTASKS_BROKER_URL"]
     assert services["worker"]["command"][:3] == ["qtasks", "worker", "examples.service:app"]
     assert services["listener"]["command"] == ["qtasks", "listen", "*"]
+
+
+@pytest.mark.parametrize(("file", "servers", "option"), [
+    ("rabbitmq-cluster.yml", ["rabbitmq1", "rabbitmq2", "rabbitmq3"], "queue_type=quorum"),
+    ("nats-cluster.yml", ["nats1", "nats2", "nats3"], "replicas=3"),
+])
+def test_cluster_files_name_every_node(file: str, servers: list[str], option: str) -> None:
+    """Three servers, each healthy before any QTasks service starts; URLs naming all three
+    (read by the backend as three hosts), with replicated queues or streams; workers
+    with a healthcheck of their own."""
+    config = compose_config(file)
+    services = config["services"]
+    assert set(services) == {*servers, "worker", "producer", "listener"}
+    for server in servers:
+        assert "healthcheck" in services[server]
+    for name in ("worker", "producer", "listener"):
+        service = services[name]
+        assert "container_name" not in service and "ports" not in service
+        assert {server: {"condition": "service_healthy"} for server in servers} \
+            == service["depends_on"]
+        url = service["environment"]["QTASKS_BROKER_URL"]
+        assert url == service["environment"]["QTASKS_RESULTS_URL"] and option in url
+        assert all(f"{server}:" in url for server in servers)
+    url = services["worker"]["environment"]["QTASKS_BROKER_URL"]
+    if url.startswith("amqp"):
+        from qtasks.brokers.rabbitmq.settings import AmqpSettings
+
+        assert len(AmqpSettings.parse(url, {}).hosts) == 3
+    else:
+        from qtasks.brokers.nats.settings import parse_url
+
+        assert len(parse_url(url, {})[0]) == 3
+    assert "healthcheck" in services["worker"]
+
+
+@pytest.mark.parametrize("file", ["nats.yml", "nats-cluster.yml"])
+def test_nats_servers_fsync_before_they_acknowledge(file: str) -> None:
+    """``sync_interval: always`` in the JetStream block of the configuration file every
+    NATS service runs with (the default syncs every two minutes: acknowledged writes can
+    be lost in a crash of the host)."""
+    services = compose_config(file)["services"]
+    servers = [s for name, s in services.items() if name.startswith("nats")]
+    assert servers
+    for server in servers:
+        conf = server["command"][server["command"].index("-c") + 1]
+        mounted = {volume["target"]: volume["source"] for volume in server["volumes"]
+                   if isinstance(volume, dict) and volume.get("type") == "bind"} \
+            or {v.split(":")[1]: v.split(":")[0] for v in server["volumes"]
+                if isinstance(v, str) and v.count(":") >= 1}
+        text = Path(COMPOSE, mounted[conf]).read_text()
+        jetstream = re.search(r"jetstream\s*\{([^}]*)\}", text)
+        assert jetstream is not None and re.search(r"^\s*sync_interval:\s*always\s*$",
+                                                   jetstream.group(1), re.MULTILINE)
+
+
+def test_images_are_pinned_and_the_build_context_is_trimmed() -> None:
+    """Every image (and the Dockerfile's base) names an exact version, so that a
+    deployment does not change under a rebuild; .dockerignore keeps the virtual
+    environment, git data and tests out of the build context."""
+    for file in ("rabbitmq.yml", "nats.yml", "rabbitmq-cluster.yml", "nats-cluster.yml"):
+        for name, service in compose_config(file)["services"].items():
+            if "image" in service:
+                assert re.search(r":\d+\.\d+\.\d+(-[a-z0-9.]+)?$", service["image"]), \
+                    f"{file} {name}: {service['image']}"
+    base = re.search(r"^FROM (\S+)", (COMPOSE / "Dockerfile").read_text(), re.MULTILINE)
+    assert base is not None and re.search(r":\d+\.\d+\.\d+", base.group(1))
+    ignored = (COMPOSE.parent / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "tests", "integration"} <= set(ignored)
 
 
 def test_example_service_declares_its_tasks() -> None:
